@@ -1,0 +1,241 @@
+"""Model configurations, the registry, and builders.
+
+``sam_model_registry[name](checkpoint=None)`` builds a model like the official
+registry does; :func:`build_sam` accepts a registry name or a :class:`SamConfig`
+for custom sizes; :func:`load_model` is what the command-line tools call.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import (
+    detect_model_type,
+    load_checkpoint,
+    load_state_dict_into,
+    read_state_dict,
+)
+from .errors import SeganyError
+from .modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TinyViT,
+    TwoWayTransformer,
+)
+
+BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class ViTEncoderConfig:
+    """SAM's ViT image encoder (see :class:`~segany.modeling.ImageEncoderViT`)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+
+    def build(self, img_size: int, out_chans: int) -> nn.Module:
+        return ImageEncoderViT(
+            img_size=img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            out_chans=out_chans,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=self.window_size,
+            global_attn_indexes=self.global_attn_indexes,
+        )
+
+
+@dataclass(frozen=True)
+class TinyViTEncoderConfig:
+    """TinyViT image encoder (see :class:`~segany.modeling.TinyViT`)."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    merge_strides: tuple[int, ...] = (2, 2, 1)
+    mlp_ratio: float = 4.0
+
+    def build(self, img_size: int, out_chans: int) -> nn.Module:
+        return TinyViT(
+            img_size=img_size,
+            embed_dims=self.embed_dims,
+            depths=self.depths,
+            num_heads=self.num_heads,
+            window_sizes=self.window_sizes,
+            merge_strides=self.merge_strides,
+            mlp_ratio=self.mlp_ratio,
+            out_chans=out_chans,
+        )
+
+
+EncoderConfig = ViTEncoderConfig | TinyViTEncoderConfig
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """A whole SAM model: an image encoder plus SAM's prompt encoder and mask decoder.
+
+    The image embedding is ``prompt_embed_dim`` x (img_size / 16) x (img_size / 16).
+    """
+
+    encoder: EncoderConfig
+    img_size: int = 1024
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    weights_file: str | None = field(default=None, compare=False)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.img_size // 16
+
+
+MODEL_CONFIGS: dict[str, SamConfig] = {
+    "vit_h": SamConfig(ViTEncoderConfig(1280, 32, 16, (7, 15, 23, 31))),
+    "vit_l": SamConfig(ViTEncoderConfig(1024, 24, 16, (5, 11, 17, 23))),
+    "vit_b": SamConfig(ViTEncoderConfig(768, 12, 12, (2, 5, 8, 11))),
+    "vit_t": SamConfig(TinyViTEncoderConfig()),
+    # The project's own small model; weights ship in the package (segany/weights/).
+    "default": SamConfig(TinyViTEncoderConfig(), weights_file="default.safetensors"),
+}
+
+
+def build_sam_from_config(config: SamConfig) -> Sam:
+    """Build a randomly initialised model in eval mode."""
+    grid = config.embedding_size
+    dim = config.prompt_embed_dim
+    model = Sam(
+        image_encoder=config.encoder.build(config.img_size, dim),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.img_size, config.img_size),
+            mask_in_chans=config.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth,
+                embedding_dim=dim,
+                mlp_dim=config.decoder_mlp_dim,
+                num_heads=config.decoder_heads,
+            ),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    return model.eval()
+
+
+def _resolve(name_or_config: str | SamConfig) -> tuple[str, SamConfig]:
+    if isinstance(name_or_config, SamConfig):
+        return "custom", name_or_config
+    try:
+        return name_or_config, MODEL_CONFIGS[name_or_config]
+    except KeyError:
+        known = ", ".join(MODEL_CONFIGS)
+        raise SeganyError(f"unknown model {name_or_config!r}; choose one of: {known}") from None
+
+
+def build_sam(
+    name_or_config: str | SamConfig = "default",
+    checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
+) -> Sam:
+    """Build a model by registry name or config, optionally loading a checkpoint.
+
+    Accepts official ``sam_vit_*.pth`` state dicts, MobileSAM's ``mobile_sam.pt``,
+    Hugging Face ``facebook/sam-vit-*`` safetensors and segany safetensors.
+    Without a checkpoint, a model with bundled weights (``default``) loads them.
+    """
+    name, config = _resolve(name_or_config)
+    model = build_sam_from_config(config)
+    if checkpoint is None and config.weights_file is not None:
+        bundled = BUNDLED_WEIGHTS_DIR / config.weights_file
+        if bundled.is_file():
+            checkpoint = bundled
+        else:
+            warnings.warn(
+                f"model {name!r} has no bundled weights in this install ({bundled}); "
+                "it is randomly initialised",
+                stacklevel=2,
+            )
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, model_name=name)
+    return model.eval()
+
+
+def _registry_entry(name: str) -> Callable[..., Sam]:
+    def build(checkpoint: str | Path | None = None) -> Sam:
+        return build_sam(name, checkpoint)
+
+    build.__name__ = f"build_sam_{name}"
+    build.__doc__ = f"Build the {name!r} model, optionally loading ``checkpoint``."
+    return build
+
+
+sam_model_registry: Mapping[str, Callable[..., Sam]] = {
+    name: _registry_entry(name) for name in MODEL_CONFIGS
+}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/"auto" picks CUDA when available, else CPU; bad names are a SeganyError."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise SeganyError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SeganyError(
+            f"device {device!r} requested but CUDA is not available; use --device cpu"
+        )
+    return resolved
+
+
+def load_model(
+    name: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+) -> Sam:
+    """Model for the tools: by name (``default`` when None), from ``checkpoint`` if given.
+
+    With a checkpoint and no name, the architecture is read from the checkpoint.
+    """
+    target = resolve_device(device)
+    if checkpoint is None:
+        return build_sam(name or "default").to(target)
+    state = read_state_dict(checkpoint)
+    if name is None:
+        name = detect_model_type(state)
+        if name is None:
+            raise SeganyError(
+                f"cannot tell which model {checkpoint} is for; name it with --model "
+                f"({', '.join(MODEL_CONFIGS)})"
+            )
+    model = build_sam_from_config(_resolve(name)[1])
+    load_state_dict_into(model, state, str(checkpoint), name)
+    return model.to(target)

@@ -1,0 +1,111 @@
+"""The Segment Anything model: image encoder + prompt encoder + mask decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """SAM. ``image_encoder`` maps (B, 3, S, S) to (B, 256, S/16, S/16) and has ``img_size``."""
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean: tuple[float, ...] = PIXEL_MEAN,
+        pixel_std: tuple[float, ...] = PIXEL_STD,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square model input in pixels."""
+        return int(self.image_encoder.img_size)
+
+    @torch.no_grad()
+    def forward(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """Official-style end-to-end call.
+
+        Each record has ``image`` (3, H, W) resized so the long side is ``image_size``,
+        ``original_size`` (H0, W0), and optionally ``point_coords`` (B, N, 2),
+        ``point_labels`` (B, N), ``boxes`` (B, 4), ``mask_inputs`` (B, 1, 256, 256),
+        all in the resized frame.
+        Returns per record ``masks`` (B, C, H0, W0) bool, ``iou_predictions`` (B, C),
+        ``low_res_logits`` (B, C, 256, 256).
+        """
+        images = torch.stack([self.preprocess(r["image"]) for r in batched_input], dim=0)
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for record, embedding in zip(batched_input, embeddings):
+            points = None
+            if "point_coords" in record:
+                points = (record["point_coords"], record["point_labels"])
+            sparse, dense = self.prompt_encoder(
+                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
+            )
+            low_res, iou = self.mask_decoder(
+                image_embeddings=embedding.unsqueeze(0),
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            masks = self.postprocess_masks(
+                low_res,
+                input_size=record["image"].shape[-2:],
+                original_size=record["original_size"],
+            )
+            outputs.append(
+                {
+                    "masks": masks > self.mask_threshold,
+                    "iou_predictions": iou,
+                    "low_res_logits": low_res,
+                }
+            )
+        return outputs
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, ...],
+        original_size: tuple[int, ...],
+    ) -> torch.Tensor:
+        """Low-res logits (B, C, h, w) -> logits (B, C, H0, W0) in the original image.
+
+        ``input_size`` is the (H, W) of the resized image before padding.
+        """
+        size = self.image_size
+        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise (…, 3, H, W) pixel values and pad bottom/right to ``image_size``."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))

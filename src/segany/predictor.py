@@ -1,0 +1,504 @@
+"""Interactive prediction: embed an image once, then decode prompts in milliseconds.
+
+:class:`SamPredictor` is a drop-in for the official ``segment_anything.SamPredictor``
+(same methods, arguments and return shapes) and adds: reusing a saved embedding
+(:meth:`SamPredictor.set_image_embedding`), several images embedded in one batch
+(:meth:`SamPredictor.set_image_batch` / :meth:`SamPredictor.predict_batch`), and
+many prompt sets of different sizes in one call (:meth:`SamPredictor.predict_prompts`).
+
+Conventions: coordinates are pixels of the original image, (x, y); boxes are
+XYXY; point label 1 = foreground, 0 = background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import SeganyError
+from .modeling import Sam
+from .modeling.prompt_encoder import NOT_A_POINT
+from .transforms import ResizeLongestSide
+
+ArrayLike = np.ndarray | Sequence[float] | Sequence[Sequence[float]]
+Prediction = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _as_float_array(value: ArrayLike, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SeganyError(f"{name} must be numeric, got {type(value).__name__}") from None
+    if not np.isfinite(array).all():
+        raise SeganyError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def check_points(
+    point_coords: ArrayLike | None,
+    point_labels: ArrayLike | None,
+    image_size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validate one prompt set's points: (N, 2) pixel coords and (N,) labels in {0, 1}.
+
+    Points must lie inside the image (0 <= x <= W, 0 <= y <= H). Raises SeganyError.
+    """
+    if point_coords is None and point_labels is None:
+        return None
+    if point_coords is None or point_labels is None:
+        raise SeganyError("point_coords and point_labels must be given together")
+    coords = _as_float_array(point_coords, "point_coords")
+    labels = _as_float_array(point_labels, "point_labels")
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise SeganyError(f"point_coords must have shape (N, 2), got {coords.shape}")
+    if labels.ndim != 1:
+        raise SeganyError(f"point_labels must have shape (N,), got {labels.shape}")
+    if len(coords) != len(labels):
+        raise SeganyError(
+            f"{len(coords)} points but {len(labels)} labels; give one label per point"
+        )
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        raise SeganyError(
+            f"point label {labels[bad][0]:g} is not allowed: use 1 for foreground, 0 for background"
+        )
+    height, width = image_size
+    outside = (
+        (coords[:, 0] < 0) | (coords[:, 0] > width) | (coords[:, 1] < 0) | (coords[:, 1] > height)
+    )
+    if outside.any():
+        x, y = coords[outside][0]
+        raise SeganyError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image")
+    return coords, labels.astype(np.int64)
+
+
+def check_boxes(box: ArrayLike | None, image_size: tuple[int, int]) -> np.ndarray | None:
+    """Validate XYXY boxes: (4,) or (B, 4), x1 >= x0, y1 >= y0, overlapping the image."""
+    if box is None:
+        return None
+    boxes = _as_float_array(box, "box")
+    if boxes.shape == (4,):
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise SeganyError(
+            f"box must have shape (4,) or (B, 4) as x0, y0, x1, y1; got {boxes.shape}"
+        )
+    for x0, y0, x1, y1 in boxes:
+        if x1 < x0 or y1 < y0:
+            raise SeganyError(
+                f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) has x1 < x0 or y1 < y0; give x0, y0, x1, y1"
+            )
+    height, width = image_size
+    off = (boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > width) | (boxes[:, 1] > height)
+    if off.any():
+        raise SeganyError(f"box {tuple(boxes[off][0])} lies outside the {width}x{height} image")
+    return boxes
+
+
+def check_mask_input(
+    mask_input: ArrayLike | None, low_res_size: tuple[int, int]
+) -> np.ndarray | None:
+    """Validate low-resolution mask logits: (1, h, w) or (h, w) -> (1, h, w)."""
+    if mask_input is None:
+        return None
+    mask = _as_float_array(mask_input, "mask_input")
+    if mask.shape == low_res_size:
+        mask = mask[None]
+    if mask.shape[-2:] != low_res_size or mask.ndim != 3:
+        h, w = low_res_size
+        raise SeganyError(
+            f"mask_input must have shape (1, {h}, {w}) (low-res logits from a previous "
+            f"prediction), got {mask.shape}"
+        )
+    return mask
+
+
+class SamPredictor:
+    """Computes an image embedding once and predicts masks for prompts on it."""
+
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_size)
+        self.reset_image()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def _low_res_size(self) -> tuple[int, int]:
+        h, w = self.model.prompt_encoder.mask_input_size
+        return int(h), int(w)
+
+    def reset_image(self) -> None:
+        """Forget the current image(s) and their embedding."""
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+        self._original_sizes: list[tuple[int, int]] = []
+        self._input_sizes: list[tuple[int, int]] = []
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+
+    # -- images ---------------------------------------------------------------
+
+    def _prepare(self, image: np.ndarray, image_format: str) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, h, w) float tensor in the resized frame, RGB."""
+        if image_format not in ("RGB", "BGR"):
+            raise SeganyError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            raise SeganyError(
+                f"image must be an (H, W, 3) array, got shape {shape}; "
+                "use segany.images.read_image to load a file"
+            )
+        if image.dtype != np.uint8:
+            raise SeganyError(f"image must be uint8 (0-255), got {image.dtype}")
+        if min(image.shape[:2]) == 0:
+            raise SeganyError("image is empty (zero height or width)")
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        return torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed an (H, W, 3) uint8 image in ``image_format`` ('RGB' or 'BGR')."""
+        self.set_torch_image(self._prepare(image, image_format), image.shape[:2])
+
+    @torch.no_grad()
+    def set_torch_image(
+        self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]
+    ) -> None:
+        """Embed a (1, 3, h, w) image already resized so that max(h, w) = image size."""
+        size = self.model.image_size
+        shape = tuple(transformed_image.shape)
+        if len(shape) != 4 or shape[1] != 3 or max(shape[2:]) != size:
+            raise SeganyError(
+                f"set_torch_image input must be BCHW with long side {size}, got {shape}"
+            )
+        self.reset_image()
+        features = self.model.image_encoder(self.model.preprocess(transformed_image))
+        self._store(features, [tuple(original_image_size)] * shape[0], [shape[2:]] * shape[0])
+
+    def set_image_batch(
+        self, images: Sequence[np.ndarray], image_format: str = "RGB", batch_size: int = 4
+    ) -> None:
+        """Embed several images, ``batch_size`` at a time; then use :meth:`predict_batch`."""
+        if len(images) == 0:
+            raise SeganyError("set_image_batch needs at least one image")
+        prepared = [self._prepare(image, image_format) for image in images]
+        self.reset_image()
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(prepared), batch_size):
+                batch = torch.cat(
+                    [self.model.preprocess(x) for x in prepared[start : start + batch_size]]
+                )
+                chunks.append(self.model.image_encoder(batch))
+        self._store(
+            torch.cat(chunks),
+            [tuple(image.shape[:2]) for image in images],
+            [tuple(x.shape[-2:]) for x in prepared],
+        )
+
+    def set_image_embedding(
+        self, embedding: torch.Tensor | np.ndarray, original_size: tuple[int, int]
+    ) -> None:
+        """Reuse an embedding from :meth:`get_image_embedding`.
+
+        ``original_size`` is the (H, W) of the image it was computed from.
+        """
+        features = torch.as_tensor(embedding)
+        if features.ndim == 3:
+            features = features[None]
+        grid = self.model.prompt_encoder.image_embedding_size
+        expected = (1, self.model.prompt_encoder.embed_dim, *grid)
+        if tuple(features.shape) != expected:
+            raise SeganyError(
+                f"embedding has shape {tuple(features.shape)} but this model expects {expected}"
+            )
+        height, width = (int(v) for v in original_size)
+        if height <= 0 or width <= 0:
+            raise SeganyError(f"original_size must be positive (H, W), got {original_size}")
+        self.reset_image()
+        input_size = self.transform.get_preprocess_shape(height, width, self.model.image_size)
+        self._store(features.to(self.device), [(height, width)], [input_size])
+
+    def _store(
+        self,
+        features: torch.Tensor,
+        original_sizes: list[tuple[int, ...]],
+        input_sizes: list[tuple[int, ...]],
+    ) -> None:
+        self.features = features
+        self._original_sizes = [(int(h), int(w)) for h, w in original_sizes]
+        self._input_sizes = [(int(h), int(w)) for h, w in input_sizes]
+        self.original_size = self._original_sizes[0]
+        self.input_size = self._input_sizes[0]
+        self.orig_h, self.orig_w = self.original_size
+        self.input_h, self.input_w = self.input_size
+        self.is_image_set = True
+
+    def _require_image(self, what: str = "mask prediction") -> None:
+        if not self.is_image_set:
+            raise RuntimeError(f"An image must be set with .set_image(...) before {what}.")
+
+    def _require_single_image(self) -> None:
+        self._require_image()
+        if len(self._original_sizes) > 1:
+            raise SeganyError(
+                f"{len(self._original_sizes)} images are set; use predict_batch for several images"
+            )
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The (1, C, h, w) embedding of the current image ((N, C, h, w) after a batch)."""
+        self._require_image("getting the embedding")
+        assert self.features is not None
+        return self.features
+
+    # -- prompts --------------------------------------------------------------
+
+    def predict(
+        self,
+        point_coords: ArrayLike | None = None,
+        point_labels: ArrayLike | None = None,
+        box: ArrayLike | None = None,
+        mask_input: ArrayLike | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for one prompt set on the current image.
+
+        Args:
+            point_coords: (N, 2) pixel (x, y) of the original image.
+            point_labels: (N,) 1 foreground / 0 background.
+            box: (4,) XYXY box in pixels.
+            mask_input: (1, 256, 256) low-res logits from a previous call.
+            multimask_output: three candidate masks instead of one.
+            return_logits: return logits instead of thresholded masks.
+
+        Returns:
+            masks (C, H, W) bool (float logits with ``return_logits``), scores (C,),
+            low-res logits (C, 256, 256); C = 3 with ``multimask_output`` else 1.
+        """
+        self._require_single_image()
+        assert self.original_size is not None
+        points = check_points(point_coords, point_labels, self.original_size)
+        boxes = check_boxes(box, self.original_size)
+        if boxes is not None and len(boxes) != 1:
+            raise SeganyError(f"predict takes one box, got {len(boxes)}; use predict_prompts")
+        mask = check_mask_input(mask_input, self._low_res_size)
+        coords_t, labels_t = None, None
+        if points is not None:
+            coords_t = self._to_model_frame(points[0], self.original_size)[None]
+            labels_t = torch.as_tensor(points[1], dtype=torch.int, device=self.device)[None]
+        masks, scores, low_res = self.predict_torch(
+            coords_t,
+            labels_t,
+            None if boxes is None else self._boxes_to_model_frame(boxes, self.original_size),
+            None
+            if mask is None
+            else torch.as_tensor(mask, dtype=torch.float, device=self.device)[None],
+            multimask_output,
+            return_logits=return_logits,
+        )
+        return _numpy(masks[0]), _numpy(scores[0]), _numpy(low_res[0])
+
+    def predict_prompts(
+        self,
+        point_coords: Sequence[ArrayLike] | None = None,
+        point_labels: Sequence[ArrayLike] | None = None,
+        boxes: ArrayLike | None = None,
+        mask_inputs: ArrayLike | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        image_index: int = 0,
+    ) -> Prediction:
+        """Masks for B prompt sets at once on one image.
+
+        Args:
+            point_coords: B arrays of (Ni, 2) pixel coordinates; sets may differ in
+                size and are padded with "not a point" tokens (label -1), the
+                official convention, so results can differ slightly from B
+                separate calls with sets of different sizes.
+            point_labels: B arrays of (Ni,) labels.
+            boxes: (B, 4) XYXY boxes.
+            mask_inputs: (B, 1, 256, 256) low-res logits.
+            image_index: which image of a :meth:`set_image_batch` call.
+
+        Returns:
+            masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256).
+        """
+        self._require_image()
+        if not 0 <= image_index < len(self._original_sizes):
+            raise SeganyError(
+                f"image_index {image_index} out of range (0..{len(self._original_sizes) - 1})"
+            )
+        size = self._original_sizes[image_index]
+        coords_t, labels_t = self._padded_points(point_coords, point_labels, size)
+        box_array = check_boxes(boxes, size)
+        counts = {len(x) for x in (point_coords, box_array, mask_inputs) if x is not None}
+        if len(counts) > 1:
+            raise SeganyError(f"prompt sets disagree in number: {sorted(counts)}; give one per set")
+        masks_t = None
+        if mask_inputs is not None:
+            masks_np = _as_float_array(mask_inputs, "mask_inputs")
+            if masks_np.ndim != 4 or masks_np.shape[1:] != (1, *self._low_res_size):
+                raise SeganyError(
+                    f"mask_inputs must have shape (B, 1, 256, 256), got {masks_np.shape}"
+                )
+            masks_t = torch.as_tensor(masks_np, dtype=torch.float, device=self.device)
+        masks, scores, low_res = self._decode(
+            image_index,
+            coords_t,
+            labels_t,
+            None if box_array is None else self._boxes_to_model_frame(box_array, size),
+            masks_t,
+            multimask_output,
+            return_logits,
+        )
+        return _numpy(masks), _numpy(scores), _numpy(low_res)
+
+    def predict_batch(
+        self,
+        point_coords_batch: Sequence[ArrayLike | None] | None = None,
+        point_labels_batch: Sequence[ArrayLike | None] | None = None,
+        box_batch: Sequence[ArrayLike | None] | None = None,
+        mask_input_batch: Sequence[ArrayLike | None] | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """One prompt set per image of :meth:`set_image_batch`.
+
+        Each entry follows :meth:`predict` (points (N, 2), labels (N,), box (4,),
+        mask (1, 256, 256)); None where an image has no such prompt. Returns
+        lists of masks, scores and low-res logits, one per image.
+        """
+        self._require_image()
+        count = len(self._original_sizes)
+        columns = [point_coords_batch, point_labels_batch, box_batch, mask_input_batch]
+        for column in columns:
+            if column is not None and len(column) != count:
+                raise SeganyError(f"{len(column)} prompts given for {count} images")
+        out: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+        for index in range(count):
+            coords, labels, box, mask = (None if c is None else c[index] for c in columns)
+            size = self._original_sizes[index]
+            points = check_points(coords, labels, size)
+            boxes = check_boxes(box, size)
+            mask_np = check_mask_input(mask, self._low_res_size)
+            result = self._decode(
+                index,
+                None if points is None else self._to_model_frame(points[0], size)[None],
+                None if points is None else torch.as_tensor(points[1], device=self.device)[None],
+                None if boxes is None else self._boxes_to_model_frame(boxes[:1], size),
+                None
+                if mask_np is None
+                else torch.as_tensor(mask_np, dtype=torch.float, device=self.device)[None],
+                multimask_output,
+                return_logits,
+            )
+            for collected, value in zip(out, result):
+                collected.append(_numpy(value[0]))
+        return out
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prediction on tensors already in the model's input frame.
+
+        Args:
+            point_coords: (B, N, 2) coordinates transformed with ``self.transform``.
+            point_labels: (B, N) labels; -1 marks padding.
+            boxes: (B, 4) transformed XYXY boxes.
+            mask_input: (B, 1, 256, 256) low-res logits.
+
+        Returns:
+            masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256).
+        """
+        self._require_single_image()
+        if (point_coords is None) != (point_labels is None):
+            raise SeganyError("point_coords and point_labels must be given together")
+        return self._decode(
+            0, point_coords, point_labels, boxes, mask_input, multimask_output, return_logits
+        )
+
+    def _decode(
+        self,
+        image_index: int,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.features is not None
+        points = None if point_coords is None else (point_coords, point_labels)
+        with torch.no_grad():
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+            low_res, scores = self.model.mask_decoder(
+                image_embeddings=self.features[image_index : image_index + 1],
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            masks = self.model.postprocess_masks(
+                low_res, self._input_sizes[image_index], self._original_sizes[image_index]
+            )
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, scores, low_res
+
+    # -- coordinate helpers ----------------------------------------------------
+
+    def _to_model_frame(self, coords: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        scaled = self.transform.apply_coords(coords, size)
+        return torch.as_tensor(scaled, dtype=torch.float, device=self.device)
+
+    def _boxes_to_model_frame(self, boxes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        scaled = self.transform.apply_boxes(boxes, size)
+        return torch.as_tensor(scaled, dtype=torch.float, device=self.device)
+
+    def _padded_points(
+        self,
+        point_coords: Sequence[ArrayLike] | None,
+        point_labels: Sequence[ArrayLike] | None,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """B point sets of different sizes -> (B, N, 2) coords and (B, N) labels, padded with -1."""
+        if point_coords is None and point_labels is None:
+            return None, None
+        if point_coords is None or point_labels is None:
+            raise SeganyError("point_coords and point_labels must be given together")
+        if len(point_coords) != len(point_labels):
+            raise SeganyError(f"{len(point_coords)} point sets but {len(point_labels)} label sets")
+        checked = [check_points(c, lab, size) for c, lab in zip(point_coords, point_labels)]
+        longest = max((len(c) for c, _ in checked), default=0)
+        coords = np.zeros((len(checked), longest, 2))
+        labels = np.full((len(checked), longest), NOT_A_POINT, dtype=np.int64)
+        for row, (c, lab) in enumerate(checked):
+            coords[row, : len(c)] = c
+            labels[row, : len(lab)] = lab
+        return (
+            self._to_model_frame(coords, size),
+            torch.as_tensor(labels, dtype=torch.int, device=self.device),
+        )
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return (
+        tensor.detach().float().cpu().numpy()
+        if tensor.is_floating_point()
+        else tensor.cpu().numpy()
+    )

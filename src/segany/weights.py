@@ -1,0 +1,332 @@
+"""Model checkpoints on the user's machine: the known downloads, where they live, fetching them.
+
+Checkpoints are kept in :func:`cache_dir` (``$SEGANY_HOME/checkpoints`` or the
+platform's user cache folder). :func:`download` streams a file to
+``<name>.part``, resumes an interrupted download with an HTTP ``Range``
+request, checks the SHA-256 sum and only then renames the file into place, so
+a checkpoint that exists under its final name is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import platformdirs
+from tqdm import tqdm
+
+from segany.atomic import commit_file
+from segany.errors import SeganyError
+
+__all__ = [
+    "WEIGHTS",
+    "WeightsInfo",
+    "cache_dir",
+    "download",
+    "get_info",
+    "is_downloaded",
+    "weights_path",
+]
+
+CHUNK_BYTES = 1 << 20
+HOME_VARIABLE = "SEGANY_HOME"
+USER_AGENT = "segany (+https://pypi.org/project/segany/)"
+
+
+class _Hasher(Protocol):
+    """The part of a :mod:`hashlib` object used here."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """One downloadable checkpoint.
+
+    Attributes:
+        name: registry key, e.g. ``"sam_vit_b"``.
+        model_type: architecture: ``vit_h``, ``vit_l``, ``vit_b`` or ``vit_t`` (MobileSAM).
+        url: where to download it.
+        sha256: lowercase hex SHA-256 of the whole file.
+        size_bytes: exact file size.
+        file_name: name of the file in :func:`cache_dir`.
+        description: one line for ``segany weights list``.
+    """
+
+    name: str
+    model_type: str
+    url: str
+    sha256: str
+    size_bytes: int
+    file_name: str
+    description: str
+
+
+FAIR = "https://dl.fbaipublicfiles.com/segment_anything"
+
+# Sums and sizes as published by many independent projects that pin these files
+# (see the segany docs); the SAM file names carry the first 6 hex digits of a
+# different (internal) hash, not of the SHA-256.
+WEIGHTS: dict[str, WeightsInfo] = {
+    info.name: info
+    for info in (
+        WeightsInfo(
+            name="sam_vit_h",
+            model_type="vit_h",
+            url=f"{FAIR}/sam_vit_h_4b8939.pth",
+            sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+            size_bytes=2_564_550_879,
+            file_name="sam_vit_h_4b8939.pth",
+            description="SAM ViT-H (636M parameters), Meta's most accurate model",
+        ),
+        WeightsInfo(
+            name="sam_vit_l",
+            model_type="vit_l",
+            url=f"{FAIR}/sam_vit_l_0b3195.pth",
+            sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+            size_bytes=1_249_524_607,
+            file_name="sam_vit_l_0b3195.pth",
+            description="SAM ViT-L (308M parameters), nearly as accurate as ViT-H",
+        ),
+        WeightsInfo(
+            name="sam_vit_b",
+            model_type="vit_b",
+            url=f"{FAIR}/sam_vit_b_01ec64.pth",
+            sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+            size_bytes=375_042_383,
+            file_name="sam_vit_b_01ec64.pth",
+            description="SAM ViT-B (91M parameters), the fastest of Meta's SAM models",
+        ),
+        WeightsInfo(
+            name="mobile_sam",
+            model_type="vit_t",
+            url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+            sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+            size_bytes=40_728_226,
+            file_name="mobile_sam.pt",
+            description="MobileSAM (TinyViT encoder, 10M parameters), fast on CPU",
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------- where
+
+
+def get_info(name: str) -> WeightsInfo:
+    """The registry entry for ``name``; SeganyError listing the known names if unknown."""
+    try:
+        return WEIGHTS[name]
+    except KeyError:
+        known = ", ".join(sorted(WEIGHTS))
+        raise SeganyError(f"unknown checkpoint {name!r}; known: {known}") from None
+
+
+def cache_dir() -> Path:
+    """Folder holding downloaded checkpoints.
+
+    ``$SEGANY_HOME/checkpoints`` when ``SEGANY_HOME`` is set and not empty,
+    otherwise ``<user cache dir>/segany/checkpoints`` (e.g. ``~/.cache/segany``
+    on Linux). Not created here.
+    """
+    home = os.environ.get(HOME_VARIABLE)
+    base = Path(home).expanduser() if home else Path(platformdirs.user_cache_dir("segany"))
+    return base / "checkpoints"
+
+
+def weights_path(name: str) -> Path:
+    """Where checkpoint ``name`` lives (or would live once downloaded)."""
+    return cache_dir() / get_info(name).file_name
+
+
+def is_downloaded(name: str) -> bool:
+    """True if checkpoint ``name`` is in the cache with the expected size.
+
+    Only the size is compared (hashing gigabytes on every start is too slow);
+    the sum was checked when the file was downloaded.
+    """
+    path = weights_path(name)
+    return path.is_file() and path.stat().st_size == get_info(name).size_bytes
+
+
+def _part_path(final: Path) -> Path:
+    return final.with_name(final.name + ".part")
+
+
+# --------------------------------------------------------------------------- download
+
+
+def download(name: str, *, force: bool = False, progress: bool = True, timeout: float = 30) -> Path:
+    """Download checkpoint ``name`` into :func:`cache_dir` and return its path.
+
+    Returns at once if the file is already there with the right size (unless
+    ``force``). An interrupted download leaves ``<file>.part`` behind and the
+    next call resumes it (``force`` starts over instead). The file gets its
+    final name only after its SHA-256 matches the registry.
+
+    Args:
+        name: a key of :data:`WEIGHTS`.
+        force: download again even if the file is present.
+        progress: show a progress bar on stderr.
+        timeout: seconds to wait for the connection and for each read.
+
+    Raises:
+        SeganyError: unknown name, network failure, checksum mismatch, or the
+            file cannot be written.
+    """
+    info = get_info(name)
+    final = weights_path(name)
+    if not force and is_downloaded(name):
+        return final
+    part = _part_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if force:
+            part.unlink(missing_ok=True)
+        digest = _fetch(info, part, progress=progress, timeout=timeout)
+        _verify(info, part, digest)
+        return commit_file(part, final)
+    except OSError as err:
+        raise SeganyError(
+            f"cannot save checkpoint {name} to {final.parent}: {err.strerror or err}; "
+            f"free some disk space or set {HOME_VARIABLE} to another folder"
+        ) from err
+
+
+def _network_error(info: WeightsInfo, reason: str) -> SeganyError:
+    return SeganyError(
+        f"could not download {info.name} from {info.url}: {reason}; check the connection, "
+        "or download it yourself and pass --checkpoint FILE"
+    )
+
+
+def _describe(err: BaseException) -> str:
+    """A short, one-line reason for a network failure."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return str(err.reason)
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _request(info: WeightsInfo, start: int, timeout: float) -> http.client.HTTPResponse:
+    """Open ``info.url``, asking for the bytes from ``start`` on when ``start > 0``."""
+    request = urllib.request.Request(info.url, headers={"User-Agent": USER_AGENT})
+    if start:
+        request.add_header("Range", f"bytes={start}-")
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code == 416 and start:  # our .part is not a prefix of the file: start over
+            return _request(info, 0, timeout)
+        raise _network_error(info, _describe(err)) from err
+    except (OSError, http.client.HTTPException) as err:
+        raise _network_error(info, _describe(err)) from err
+
+
+def _resumed_from(response: http.client.HTTPResponse, start: int) -> int:
+    """Offset the response body starts at: ``start`` for a matching 206, else 0.
+
+    Servers that ignore ``Range`` answer 200 with the whole file.
+    """
+    if start and response.status == 206:
+        content_range = response.headers.get("Content-Range", "")
+        if content_range.startswith(f"bytes {start}-"):
+            return start
+    return 0
+
+
+def _chunks(info: WeightsInfo, response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """Body of ``response`` in chunks; read failures become the download error."""
+    while True:
+        try:
+            chunk = response.read(CHUNK_BYTES)
+        except (OSError, http.client.HTTPException) as err:
+            raise _network_error(info, _describe(err)) from err
+        if not chunk:
+            return
+        yield chunk
+
+
+def _hash_prefix(part: Path, length: int) -> _Hasher:
+    """SHA-256 state after the first ``length`` bytes of ``part``."""
+    digest = hashlib.sha256()
+    with open(part, "rb") as handle:
+        while length > 0:
+            block = handle.read(min(CHUNK_BYTES, length))
+            if not block:
+                break
+            digest.update(block)
+            length -= len(block)
+    return digest
+
+
+def _fetch(info: WeightsInfo, part: Path, *, progress: bool, timeout: float) -> str:
+    """Complete ``part`` from the network; returns the hex SHA-256 of the whole file."""
+    have = part.stat().st_size if part.is_file() else 0
+    if have > info.size_bytes:  # not a prefix of this file: start over
+        have = 0
+    if have == info.size_bytes:
+        return _hash_prefix(part, have).hexdigest()
+    with _request(info, have, timeout) as response:
+        start = _resumed_from(response, have)
+        digest = _hash_prefix(part, start) if start else hashlib.sha256()
+        with open(part, "r+b" if start else "wb") as out:
+            out.seek(start)
+            out.truncate()
+            _copy(info, response, out, digest, start, progress)
+    got = part.stat().st_size
+    if got < info.size_bytes:
+        raise _network_error(
+            info,
+            f"the connection closed after {got} of {info.size_bytes} bytes; run again to resume",
+        )
+    return digest.hexdigest()
+
+
+def _copy(
+    info: WeightsInfo,
+    response: http.client.HTTPResponse,
+    out: BinaryIO,
+    digest: _Hasher,
+    start: int,
+    progress: bool,
+) -> None:
+    bar = tqdm(
+        total=info.size_bytes,
+        initial=start,
+        desc=info.name,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not progress,
+        leave=True,
+    )
+    with bar:
+        for chunk in _chunks(info, response):
+            out.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+
+
+def _verify(info: WeightsInfo, part: Path, actual: str) -> None:
+    """Raise (and delete ``part``) unless ``actual`` is the registry's SHA-256."""
+    if actual == info.sha256:
+        return
+    part.unlink(missing_ok=True)
+    raise SeganyError(
+        f"checksum mismatch for {info.name} downloaded from {info.url}: expected sha256 "
+        f"{info.sha256}, got {actual}; the file was deleted, run the download again"
+    )

@@ -1,0 +1,23 @@
+"""Shared test set-up: reference-package stand-ins and small helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "standins"))
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data set beside the repository (``../shared/data``)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real data not found at {SHARED_DATA}; clone next to shared/")
+    return SHARED_DATA

@@ -1,0 +1,1 @@
+"""Stand-in for the timm names that mobilesam-mirror imports (tests only)."""

@@ -1,0 +1,1 @@
+"""Stand-in for the parts of torchvision that segment-anything imports (tests only)."""
