@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import weights
 from .checkpoint import (
     detect_model_type,
     load_checkpoint,
@@ -32,7 +33,7 @@ from .modeling import (
     TwoWayTransformer,
 )
 
-BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "pretrained"
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
     "vit_l": SamConfig(ViTEncoderConfig(1024, 24, 16, (5, 11, 17, 23))),
     "vit_b": SamConfig(ViTEncoderConfig(768, 12, 12, (2, 5, 8, 11))),
     "vit_t": SamConfig(TinyViTEncoderConfig()),
-    # The project's own small model; weights ship in the package (segany/weights/).
+    # The project's own small model; weights ship in the package (segany/pretrained/).
     "default": SamConfig(TinyViTEncoderConfig(), weights_file="default.safetensors"),
 }
 
@@ -224,10 +225,17 @@ def load_model(
     """Model for the tools: by name (``default`` when None), from ``checkpoint`` if given.
 
     With a checkpoint and no name, the architecture is read from the checkpoint.
+    Meta's and MobileSAM's models without a checkpoint use their official weights,
+    downloaded into the cache on first use (see ``segany weights``).
     """
     target = resolve_device(device)
     if checkpoint is None:
-        return build_sam(name or "default").to(target)
+        name = name or "default"
+        _resolve(name)
+        official = official_weights_for(name)
+        if official is None:
+            return build_sam(name).to(target)
+        checkpoint = weights.download(official.name)
     state = read_state_dict(checkpoint)
     if name is None:
         name = detect_model_type(state)
@@ -239,3 +247,8 @@ def load_model(
     model = build_sam_from_config(_resolve(name)[1])
     load_state_dict_into(model, state, str(checkpoint), name)
     return model.to(target)
+
+
+def official_weights_for(name: str) -> weights.WeightsInfo | None:
+    """The downloadable official checkpoint of a registry model, if it has one."""
+    return next((w for w in weights.WEIGHTS.values() if w.model_type == name), None)

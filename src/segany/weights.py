@@ -38,7 +38,7 @@ __all__ = [
 
 CHUNK_BYTES = 1 << 20
 HOME_VARIABLE = "SEGANY_HOME"
-USER_AGENT = "segany (+https://pypi.org/project/segany/)"
+USER_AGENT = "segany"
 
 
 class _Hasher(Protocol):
@@ -74,9 +74,9 @@ class WeightsInfo:
 
 FAIR = "https://dl.fbaipublicfiles.com/segment_anything"
 
-# Sums and sizes as published by many independent projects that pin these files
-# (see the segany docs); the SAM file names carry the first 6 hex digits of a
-# different (internal) hash, not of the SHA-256.
+# SHA-256 sums and sizes of the published files, as pinned independently by many
+# projects that download them (e.g. micro_sam's model registry lists all four sums).
+# The hex in Meta's file names is not a prefix of the SHA-256.
 WEIGHTS: dict[str, WeightsInfo] = {
     info.name: info
     for info in (
