@@ -7,11 +7,13 @@ for custom sizes; :func:`load_model` is what the command-line tools call.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +23,9 @@ from .checkpoint import (
     detect_model_type,
     load_checkpoint,
     load_state_dict_into,
+    read_metadata,
     read_state_dict,
+    save_weights,
 )
 from .errors import SeganyError
 from .modeling import (
@@ -111,6 +115,35 @@ class SamConfig:
     @property
     def embedding_size(self) -> int:
         return self.img_size // 16
+
+
+_ENCODER_TYPES: dict[str, type] = {"vit": ViTEncoderConfig, "tiny_vit": TinyViTEncoderConfig}
+CONFIG_METADATA_KEY = "segany_config"
+
+
+def config_to_dict(config: SamConfig) -> dict[str, Any]:
+    """A JSON-ready description of ``config`` (inverse of :func:`config_from_dict`)."""
+    data = asdict(config)
+    kind = next(k for k, v in _ENCODER_TYPES.items() if isinstance(config.encoder, v))
+    data["encoder"] = {"type": kind, **data["encoder"]}
+    data.pop("weights_file")
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> SamConfig:
+    """Build a :class:`SamConfig` from a mapping such as a YAML ``model.config`` section."""
+    try:
+        fields = dict(data)
+        encoder = dict(fields.pop("encoder"))
+        encoder_type = _ENCODER_TYPES[encoder.pop("type")]
+        encoder = {k: tuple(v) if isinstance(v, list) else v for k, v in encoder.items()}
+        return SamConfig(encoder=encoder_type(**encoder), **fields)
+    except (KeyError, TypeError) as error:
+        kinds = ", ".join(_ENCODER_TYPES)
+        raise SeganyError(
+            f"invalid model config ({error}); it needs encoder.type ({kinds}) and that "
+            "encoder's sizes"
+        ) from None
 
 
 MODEL_CONFIGS: dict[str, SamConfig] = {
@@ -237,6 +270,11 @@ def load_model(
             return build_sam(name).to(target)
         checkpoint = weights.download(official.name)
     state = read_state_dict(checkpoint)
+    stored = read_metadata(checkpoint).get(CONFIG_METADATA_KEY)
+    if name is None and stored is not None:
+        model = build_sam_from_config(config_from_dict(json.loads(stored)))
+        load_state_dict_into(model, state, str(checkpoint), "the checkpoint's own config")
+        return model.to(target)
     if name is None:
         name = detect_model_type(state)
         if name is None:
@@ -252,3 +290,9 @@ def load_model(
 def official_weights_for(name: str) -> weights.WeightsInfo | None:
     """The downloadable official checkpoint of a registry model, if it has one."""
     return next((w for w in weights.WEIGHTS.values() if w.model_type == name), None)
+
+
+def save_model(model: Sam, path: str | Path, config: SamConfig) -> Path:
+    """Save weights as safetensors with ``config`` inside, so every tool can load them."""
+    metadata = {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))}
+    return save_weights(model, path, metadata)

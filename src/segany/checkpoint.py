@@ -125,6 +125,15 @@ def read_state_dict(path: str | Path) -> StateDict:
     return convert_state_dict(_unwrap(raw))
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file ({} for other formats)."""
+    path = Path(path)
+    if not path.is_file() or not _is_safetensors(path):
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def detect_model_type(state: Mapping[str, torch.Tensor]) -> str | None:
     """Registry name whose architecture matches ``state`` (None when none does)."""
     if any(k.startswith("image_encoder.layers.") for k in state):

@@ -8,10 +8,10 @@ import warnings
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import segment, weights
+from .commands import segment, train, weights
 from .errors import SeganyError
 
-COMMANDS = (segment, weights)
+COMMANDS = (segment, weights, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

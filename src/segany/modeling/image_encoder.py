@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import DropPath, LayerNorm2d, MLPBlock
 
 
 class PatchEmbed(nn.Module):
@@ -176,6 +176,7 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
+        self.drop_path = DropPath(0.0)  # set by training code; a no-op at inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -187,8 +188,8 @@ class Block(nn.Module):
             x = window_unpartition(x, self.window_size, padded_hw, hw)
         else:
             x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ImageEncoderViT(nn.Module):

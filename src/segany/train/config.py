@@ -1,0 +1,213 @@
+"""Training configuration, read from YAML (see ``configs/example.yaml``).
+
+Every key has a default except the data; unknown keys are errors so that typos
+do not silently train something else. Paths are relative to the YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import SeganyError
+
+FREEZE_CHOICES = ("none", "encoder", "partial")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset folder; ``split`` is train / val / all (see segany.data)."""
+
+    root: Path
+    format: str | None = None
+    split: str = "train"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str | None = "vit_t"  # registry architecture, or None with ``config``
+    config: dict[str, Any] | None = None  # a custom SamConfig (see segany.build.config_from_dict)
+    checkpoint: Path | None = None  # start from these weights (fine-tuning)
+    freeze: str = "none"  # none | encoder | partial
+    trainable_blocks: int = 0  # with freeze=partial: how many last encoder blocks train
+    drop_path: float = 0.0
+
+
+@dataclass(frozen=True)
+class AugmentSection:
+    scale_jitter: tuple[float, float] = (0.75, 1.25)  # relative to fitting the long side
+    hflip: bool = True
+    vflip: bool = False
+    color: float = 0.2  # strength of brightness/contrast/saturation jitter, 0 = off
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: tuple[DataSource, ...]
+    val: tuple[DataSource, ...] = ()
+    masks_per_image: int = 16
+    min_mask_area: int = 16  # pixels after resizing; smaller objects are not trained on
+    augment: AugmentSection = AugmentSection()
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    steps: int = 1000
+    batch_images: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    lr_decay_steps: tuple[int, ...] = ()
+    lr_decay_factor: float = 0.1
+    layer_lr_decay: float = 1.0
+    grad_clip: float = 1.0
+    rounds: int = 11  # simulated interactive rounds per mask (the paper's 11)
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    box_probability: float = 0.5  # first prompt a noisy box (else a point)
+    precision: str = "bf16"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection
+    data: DataSection
+    optim: OptimSection
+    output: Path
+    log_every: int = 10
+    checkpoint_every: int = 100
+    device: str = "auto"
+    source: Path | None = field(default=None, compare=False)
+
+
+def _build(cls: type, raw: Any, where: str, base: Path, **nested: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SeganyError(f"{where} must be a mapping in the config")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SeganyError(
+            f"unknown key {where}.{unknown[0]} in the config; known: {', '.join(sorted(known))}"
+        )
+    values = {**raw, **nested}
+    for f in fields(cls):
+        if f.name in values and f.name not in nested:
+            values[f.name] = _coerce(values[f.name], f.type, f"{where}.{f.name}", base)
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise SeganyError(f"{where}: {error}") from None
+
+
+def _coerce(value: Any, annotation: str, where: str, base: Path) -> Any:
+    """YAML scalars/lists to the annotated type; relative paths against the YAML's folder."""
+    if value is None:
+        return None
+    if "Path" in annotation:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path)
+    if annotation.startswith("tuple"):
+        if not isinstance(value, (list, tuple)):
+            raise SeganyError(f"{where} must be a list in the config")
+        return tuple(value)
+    if annotation in ("int", "float"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise SeganyError(f"{where} must be a number in the config, got {value!r}") from None
+        if annotation == "int" and number != int(number):
+            raise SeganyError(f"{where} must be a whole number in the config, got {value!r}")
+        return int(number) if annotation == "int" else number
+    return value
+
+
+def _sources(raw: Any, where: str, base: Path) -> tuple[DataSource, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise SeganyError(
+            f"{where} must be a non-empty list of {{root: DIR, split: train}} entries"
+        )
+    return tuple(_build(DataSource, item, f"{where}[{i}]", base) for i, item in enumerate(raw))
+
+
+def parse_config(raw: Any, base: Path, source: Path | None = None) -> TrainConfig:
+    """Validate a config mapping; every problem is a SeganyError naming the key."""
+    if not isinstance(raw, dict):
+        raise SeganyError("the config must be a YAML mapping with model, data, optim and output")
+    raw = dict(raw)
+    data_raw = dict(raw.pop("data", None) or {})
+    if "train" not in data_raw:
+        raise SeganyError("data.train is required: a list of {root: DIR, split: train} entries")
+    data = _build(
+        DataSection,
+        {k: v for k, v in data_raw.items() if k not in ("train", "val", "augment")},
+        "data",
+        base,
+        train=_sources(data_raw.get("train"), "data.train", base),
+        val=_sources(data_raw.get("val"), "data.val", base),
+        augment=_build(AugmentSection, data_raw.get("augment"), "data.augment", base),
+    )
+    if "output" not in raw:
+        raise SeganyError("output is required: the folder for checkpoints, logs and the model")
+    config = _build(
+        TrainConfig,
+        {k: v for k, v in raw.items() if k not in ("model", "optim")},
+        "",
+        base,
+        model=_build(ModelSection, raw.get("model"), "model", base),
+        data=data,
+        optim=_build(OptimSection, raw.get("optim"), "optim", base),
+        source=source,
+    )
+    _check(config)
+    return config
+
+
+def _check(config: TrainConfig) -> None:
+    model, optim = config.model, config.optim
+    if model.freeze not in FREEZE_CHOICES:
+        raise SeganyError(
+            f"model.freeze must be one of {', '.join(FREEZE_CHOICES)}, got {model.freeze!r}"
+        )
+    if (model.name is None) == (model.config is None):
+        raise SeganyError("give exactly one of model.name (a registry model) and model.config")
+    if optim.precision not in PRECISIONS:
+        raise SeganyError(
+            f"optim.precision must be one of {', '.join(PRECISIONS)}, got {optim.precision!r}"
+        )
+    for key in ("steps", "batch_images", "grad_accum", "rounds"):
+        if getattr(optim, key) < 1:
+            raise SeganyError(f"optim.{key} must be at least 1")
+    if config.data.masks_per_image < 1:
+        raise SeganyError("data.masks_per_image must be at least 1")
+    low, high = config.data.augment.scale_jitter
+    if not 0 < low <= high:
+        raise SeganyError("data.augment.scale_jitter must be [low, high] with 0 < low <= high")
+    for source in config.data.train + config.data.val:
+        if not source.root.is_dir():
+            raise SeganyError(f"data folder not found: {source.root}")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training config YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SeganyError(f"config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SeganyError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    return parse_config(raw, path.parent.resolve(), path)

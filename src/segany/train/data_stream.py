@@ -1,0 +1,81 @@
+"""A deterministic, endless stream of training items.
+
+Position p of the stream (counted over all steps, micro-batches and ranks) maps
+to one sample of one epoch's permutation and to its own augmentation RNG, so an
+item depends only on (seed, p): resumed and multi-process runs see the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+
+from ..data import SegmentationDataset, load_dataset
+from ..errors import SeganyError
+from .augment import TrainItem, prepare_item
+from .config import TrainConfig
+
+MAX_ATTEMPTS = 20
+
+
+class SampleStream:
+    """Training items by stream position; bad samples are skipped deterministically."""
+
+    def __init__(self, config: TrainConfig, img_size: int) -> None:
+        self.config = config
+        self.img_size = img_size
+        self.datasets: list[SegmentationDataset] = [
+            load_dataset(s.root, format=s.format, split=None if s.split == "all" else s.split)
+            for s in config.data.train
+        ]
+        entries = []
+        for index, (source, dataset) in enumerate(zip(config.data.train, self.datasets)):
+            count = max(1, round(source.weight * len(dataset))) if len(dataset) else 0
+            entries.extend((index, i % len(dataset)) for i in range(count))
+        if not entries:
+            raise SeganyError("the training data is empty; check data.train roots and splits")
+        self.entries = entries
+        self._pool = ThreadPoolExecutor(config.data.workers) if config.data.workers > 0 else None
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a stream lives as long as its run
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.config.optim.seed, epoch]).permutation(len(self.entries))
+
+    def _entry(self, position: int, attempt: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, len(self.entries))
+        if attempt:
+            offset = int(np.random.default_rng([position, attempt]).integers(len(self.entries)))
+        return self.entries[self._permutation(epoch)[offset]]
+
+    def item(self, position: int) -> TrainItem:
+        data = self.config.data
+        for attempt in range(MAX_ATTEMPTS):
+            source, index = self._entry(position, attempt)
+            sample = self.datasets[source].get(index)
+            if sample is None:
+                continue
+            rng = np.random.default_rng([self.config.optim.seed, position, attempt, 1])
+            item = prepare_item(
+                sample.image,
+                sample.masks,
+                sample.image_id,
+                self.img_size,
+                data.masks_per_image,
+                data.min_mask_area,
+                data.augment,
+                rng,
+            )
+            if item is not None:
+                return item
+        raise SeganyError(
+            f"{MAX_ATTEMPTS} samples in a row were unusable (unreadable or without masks); "
+            "check the data"
+        )
+
+    def items(self, positions: Iterable[int]) -> list[TrainItem]:
+        if self._pool is None:
+            return [self.item(p) for p in positions]
+        return list(self._pool.map(self.item, positions))

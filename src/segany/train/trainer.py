@@ -1,0 +1,431 @@
+"""The training loop: SAM's simulated interactive recipe, resumable and data-parallel.
+
+Determinism: every random choice of a step (which images, augmentation, prompts,
+drop path) is seeded from (seed, step, rank), so a run resumed from a checkpoint
+continues bit for bit, and the number of data-loader workers does not matter.
+
+Data parallel: launched under ``torchrun`` (WORLD_SIZE > 1) the same command
+trains one replica per process with DistributedDataParallel; each rank reads a
+disjoint share of every batch (gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ..atomic import atomic_path, write_text_atomic
+from ..build import (
+    MODEL_CONFIGS,
+    SamConfig,
+    build_sam_from_config,
+    config_from_dict,
+    config_to_dict,
+    resolve_device,
+    save_model,
+)
+from ..checkpoint import load_checkpoint
+from ..errors import SeganyError
+from ..modeling import Sam
+from ..modeling.common import DropPath
+from .augment import TrainItem
+from .config import ModelSection, OptimSection, TrainConfig
+from .data_stream import SampleStream
+from .losses import sam_loss
+from .prompts import error_points, noisy_boxes, random_pixels, round_schedule
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.safetensors"
+METRICS_NAME = "metrics.jsonl"
+
+
+# -- the model ----------------------------------------------------------------
+
+
+def model_config(section: ModelSection) -> SamConfig:
+    if section.config is not None:
+        return config_from_dict(section.config)
+    if section.name not in MODEL_CONFIGS:
+        raise SeganyError(
+            f"unknown model.name {section.name!r}; choose one of: {', '.join(MODEL_CONFIGS)}"
+        )
+    return MODEL_CONFIGS[section.name]
+
+
+def encoder_layer_ids(model: Sam) -> tuple[dict[str, int], int]:
+    """Depth index of every image-encoder parameter, for layer-wise lr decay and freezing.
+
+    The stem is 0, the k-th transformer/conv block k, the neck ``num_layers``.
+    Returns ({parameter name: index}, num_layers).
+    """
+    names = [name for name, _ in model.image_encoder.named_parameters()]
+    block_keys: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            key = ".".join(parts[:2])
+        elif parts[0] == "layers" and parts[2] == "blocks":
+            key = ".".join(parts[:4])
+        else:
+            continue
+        if key not in block_keys:
+            block_keys.append(key)
+    num_layers = len(block_keys) + 1
+    ids: dict[str, int] = {}
+    last_block = 0
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "blocks" else ".".join(parts[:4])
+        if key in block_keys:
+            last_block = block_keys.index(key) + 1
+            ids[name] = last_block
+        elif parts[0] == "layers" and parts[2] == "downsample":
+            ids[name] = last_block  # merging after a stage trains with that stage
+        elif parts[0] == "neck":
+            ids[name] = num_layers
+        else:
+            ids[name] = 0
+    return ids, num_layers
+
+
+def apply_freeze(model: Sam, section: ModelSection) -> None:
+    """Freeze the encoder (``encoder``) or all but its last blocks and neck (``partial``)."""
+    if section.freeze == "none":
+        return
+    ids, num_layers = encoder_layer_ids(model)
+    first_trainable = (
+        num_layers + 1 if section.freeze == "encoder" else num_layers - section.trainable_blocks
+    )
+    for name, param in model.image_encoder.named_parameters():
+        param.requires_grad_(ids[name] >= first_trainable)
+
+
+def set_drop_path(model: Sam, rate: float) -> None:
+    """Stochastic depth rising linearly to ``rate`` over the encoder's blocks."""
+    modules = [m for m in model.image_encoder.modules() if isinstance(m, DropPath)]
+    for index, module in enumerate(modules):
+        module.drop_prob = rate * index / max(len(modules) - 1, 1)
+
+
+def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    special = ("pos_embed", "rel_pos", "attention_biases", "token", "embeddings", "embed.weight")
+    return param.ndim <= 1 or any(key in name for key in special)
+
+
+def parameter_groups(model: Sam, optim: OptimSection) -> list[dict]:
+    """AdamW groups: layer-wise lr scale for the encoder, no weight decay on norms/embeddings."""
+    ids, num_layers = encoder_layer_ids(model)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = 1.0
+        if name.startswith("image_encoder."):
+            scale = optim.layer_lr_decay ** (num_layers - ids[name.removeprefix("image_encoder.")])
+        decay = 0.0 if _no_weight_decay(name, param) else optim.weight_decay
+        groups.setdefault((scale, decay), []).append(param)
+    return [
+        {"params": params, "lr_scale": scale, "weight_decay": decay, "lr": optim.lr * scale}
+        for (scale, decay), params in groups.items()
+    ]
+
+
+def learning_rate(optim: OptimSection, step: int) -> float:
+    """Linear warm-up, then a step decay by ``lr_decay_factor`` at each ``lr_decay_steps``."""
+    warmup = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+    decays = sum(step >= s for s in optim.lr_decay_steps)
+    return optim.lr * warmup * optim.lr_decay_factor**decays
+
+
+# -- one step -----------------------------------------------------------------
+
+
+class InteractiveStep(nn.Module):
+    """Loss of one batch under SAM's simulated interactive training.
+
+    For each image: the encoder runs once; its masks get a first prompt (a
+    foreground point or a noisy box, with equal chance per image), then rounds
+    that add a click sampled from the previous error region, each feeding the
+    previous low-res logits of the top-scoring output back as the mask prompt.
+    Wrapped as a module so that DistributedDataParallel sees one forward per step.
+    """
+
+    def __init__(self, sam: Sam, optim: OptimSection) -> None:
+        super().__init__()
+        self.sam = sam
+        self.optim = optim
+
+    def forward(
+        self, items: list[TrainItem], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = self.sam.device
+        images = torch.stack([self.sam.preprocess(item.image.to(device).float()) for item in items])
+        embeddings = self.sam.image_encoder(images)
+        losses, parts = [], []
+        for index, item in enumerate(items):
+            loss, part = self._rounds(
+                embeddings[index : index + 1], item.masks.to(device), generator
+            )
+            losses.append(loss)
+            parts.append(part)
+        summary = {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}
+        return torch.stack(losses).mean(), summary
+
+    def _rounds(
+        self, embedding: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        optim = self.optim
+        prompt_encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
+        stride = masks.shape[-1] // prompt_encoder.mask_input_size[-1]
+        soft_target = nn.functional.avg_pool2d(masks[:, None].float(), stride)[:, 0]
+        target = soft_target >= 0.5
+        count = len(masks)
+        rows = torch.arange(count, device=masks.device)
+
+        use_box = bool(torch.rand((), generator=generator) < optim.box_probability)
+        boxes = noisy_boxes(masks.cpu(), generator).to(masks.device) if use_box else None
+        coords = torch.zeros(count, 0, 2, device=masks.device)
+        labels = torch.zeros(count, 0, dtype=torch.long, device=masks.device)
+        if not use_box:
+            first, _ = random_pixels(masks.cpu(), generator)
+            coords, labels = (
+                first[:, None].to(masks.device),
+                torch.ones(count, 1, dtype=torch.long, device=masks.device),
+            )
+
+        schedule = round_schedule(optim.rounds, generator)
+        mask_input: torch.Tensor | None = None
+        total = embedding.new_zeros(())
+        previous: torch.Tensor | None = None
+        history: dict[str, list[torch.Tensor]] = {}
+        for round_index in range(optim.rounds):
+            if round_index > 0 and schedule[round_index - 1]:
+                assert previous is not None
+                new, new_labels = error_points(previous.cpu(), target.cpu(), stride, generator)
+                coords = torch.cat([coords, new[:, None].to(masks.device)], dim=1)
+                labels = torch.cat([labels, new_labels[:, None].to(masks.device)], dim=1)
+            points = (coords, labels) if coords.shape[1] else None
+            sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+            logits, iou_pred = decoder(
+                image_embeddings=embedding,
+                image_pe=prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=round_index == 0,  # one prompt is ambiguous: three outputs
+            )
+            loss, parts, _ = sam_loss(
+                logits,
+                iou_pred,
+                soft_target,
+                optim.focal_weight,
+                optim.dice_weight,
+                optim.iou_weight,
+            )
+            total = total + loss
+            for key, value in parts.items():
+                history.setdefault(key, []).append(value)
+            chosen = iou_pred.detach().argmax(dim=1)
+            previous_logits = logits.detach()[rows, chosen].float()
+            mask_input = previous_logits[:, None]
+            previous = previous_logits > 0
+        summary = {key: torch.stack(values).mean() for key, values in history.items()}
+        summary["iou_first"] = history["iou"][0]
+        summary["iou_last"] = history["iou"][-1]
+        return total / optim.rounds, summary
+
+
+# -- the run ------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _seed_everything(seed: int, step: int, rank: int) -> torch.Generator:
+    """Seed the global RNG for this step and rank (drop path) and return the prompt RNG."""
+    global_seed, prompt_seed = np.random.SeedSequence([seed, step, rank]).generate_state(
+        2, np.uint64
+    )
+    torch.manual_seed(int(global_seed) >> 1)
+    return torch.Generator().manual_seed(int(prompt_seed) >> 1)
+
+
+def _save_checkpoint(path: Path, sam: Sam, optimizer: torch.optim.Optimizer, step: int) -> None:
+    state = {"model": sam.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, sam: Sam, optimizer: torch.optim.Optimizer) -> int:
+    if not path.is_file():
+        raise SeganyError(f"nothing to resume: {path} does not exist; start without --resume")
+    state = torch.load(path, map_location=sam.device, weights_only=True)
+    sam.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _trim_metrics(path: Path, before_step: int) -> None:
+    """Drop log lines of steps a resumed run will redo."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["step"] < before_step
+    ]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _batches(
+    stream: SampleStream, start: int, config: TrainConfig, world: Distributed
+) -> Iterator[list[TrainItem]]:
+    """The micro-batches of this rank from step ``start`` on, in order."""
+    optim = config.optim
+    for step in range(start, optim.steps):
+        for micro in range(optim.grad_accum):
+            first = (
+                (step * optim.grad_accum + micro) * world.world_size + world.rank
+            ) * optim.batch_images
+            yield stream.items(range(first, first + optim.batch_images))
+
+
+def build_training_model(config: TrainConfig) -> tuple[SamConfig, Sam]:
+    architecture = model_config(config.model)
+    torch.manual_seed(config.optim.seed)
+    sam = build_sam_from_config(architecture)
+    if config.model.checkpoint is not None:
+        load_checkpoint(sam, config.model.checkpoint, model_name=config.model.name or "custom")
+    apply_freeze(sam, config.model)
+    set_drop_path(sam, config.model.drop_path)
+    return architecture, sam
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the path of the saved model (safetensors)."""
+    world = Distributed.from_environment()
+    device = resolve_device(config.device)
+    if device.type == "cuda" and world.world_size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if world.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    architecture, sam = build_training_model(config)
+    sam.to(device).train()
+    optimizer = torch.optim.AdamW(
+        parameter_groups(sam, config.optim), lr=config.optim.lr, betas=config.optim.betas
+    )
+    output = config.output
+    output.mkdir(parents=True, exist_ok=True)
+    start = _load_checkpoint(output / CHECKPOINT_NAME, sam, optimizer) if resume else 0
+    if world.is_main:
+        _trim_metrics(output / METRICS_NAME, start)
+        write_text_atomic(
+            output / "config.json", json.dumps(config_to_dict(architecture), indent=2)
+        )
+
+    stream = SampleStream(config, architecture.img_size)
+    step_module: nn.Module = InteractiveStep(sam, config.optim)
+    if world.world_size > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=config.optim.precision == "bf16"
+    )
+
+    trainable = [p for p in sam.parameters() if p.requires_grad]
+    batches = _batches(stream, start, config, world)
+    bar = tqdm(
+        range(start, config.optim.steps),
+        initial=start,
+        total=config.optim.steps,
+        disable=not (progress and world.is_main),
+        desc="train",
+        unit="step",
+    )
+    window: list[dict[str, float]] = []
+    tick = time.perf_counter()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config.optim, step) * group["lr_scale"]
+        for micro in range(config.optim.grad_accum):
+            generator = _seed_everything(
+                config.optim.seed, step * config.optim.grad_accum + micro, world.rank
+            )
+            items = next(batches)
+            last = micro == config.optim.grad_accum - 1
+            sync = step_module.no_sync() if world.world_size > 1 and not last else nullcontext()
+            with sync:
+                with autocast:
+                    loss, parts = step_module(items, generator)
+                (loss / config.optim.grad_accum).backward()
+        if not math.isfinite(float(loss)):
+            raise SeganyError(
+                f"loss became {float(loss)} at step {step}; lower optim.lr or use fp32"
+            )
+        if config.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append({"loss": float(loss), **{k: float(v) for k, v in parts.items()}})
+
+        done = step + 1
+        if world.is_main and (done % config.log_every == 0 or done == config.optim.steps):
+            elapsed = time.perf_counter() - tick
+            record = {
+                "step": step,
+                **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
+                "lr": learning_rate(config.optim, step),
+                "images_per_s": len(window)
+                * config.optim.batch_images
+                * config.optim.grad_accum
+                * world.world_size
+                / elapsed,
+            }
+            with (output / METRICS_NAME).open("a") as log:
+                log.write(json.dumps(record) + "\n")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                iou=f"{record['iou_last']:.3f}",
+                img_s=f"{record['images_per_s']:.2f}",
+            )
+            window, tick = [], time.perf_counter()
+        if world.is_main and (done % config.checkpoint_every == 0 or done == config.optim.steps):
+            _save_checkpoint(output / CHECKPOINT_NAME, sam, optimizer, done)
+
+    model_path = output / MODEL_NAME
+    if world.is_main:
+        save_model(sam.eval(), model_path, architecture)
+        from .curves import plot_training_curves
+
+        plot_training_curves(output / METRICS_NAME, output / "curves.png")
+    if world.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model_path

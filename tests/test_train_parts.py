@@ -1,0 +1,157 @@
+"""Training building blocks checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import TINY_CONFIG
+
+from segany.build import MODEL_CONFIGS, build_sam_from_config
+from segany.train.augment import prepare_item
+from segany.train.config import AugmentSection, ModelSection, OptimSection
+from segany.train.losses import dice_loss, focal_loss, mask_iou, sam_loss
+from segany.train.prompts import (
+    error_points,
+    mask_boxes,
+    noisy_boxes,
+    random_pixels,
+    round_schedule,
+)
+from segany.train.trainer import apply_freeze, encoder_layer_ids, learning_rate, parameter_groups
+
+
+def test_focal_loss_by_hand() -> None:
+    # p = 0.5, target 1: alpha 0.25 * ce ln 2 * (1 - 0.5)^2
+    assert focal_loss(torch.zeros(1, 2, 2), torch.ones(1, 2, 2)).item() == pytest.approx(
+        0.25 * math.log(2) * 0.25
+    )
+    # confident and right: about zero; confident and wrong: large
+    assert focal_loss(torch.full((1, 1, 1), 10.0), torch.ones(1, 1, 1)).item() < 1e-8
+    assert focal_loss(torch.full((1, 1, 1), -10.0), torch.ones(1, 1, 1)).item() > 2.0
+
+
+def test_dice_and_iou_by_hand() -> None:
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    logits = torch.tensor([[[20.0, -20.0], [-20.0, -20.0]]])  # predicts 1 of the 2 pixels
+    # dice = 1 - (2 * 1 + 1) / (1 + 2 + 1)
+    assert dice_loss(logits, target).item() == pytest.approx(1 - 3 / 4, abs=1e-6)
+    assert mask_iou(logits, target).item() == pytest.approx(0.5)
+    assert mask_iou(torch.full((1, 2, 2), -1.0), torch.zeros(1, 2, 2)).item() == 1.0
+
+
+def test_sam_loss_trains_only_the_best_of_three() -> None:
+    target = torch.zeros(2, 8, 8)
+    target[:, 2:6, 2:6] = 1
+    perfect = torch.where(target > 0, 10.0, -10.0)
+    logits = torch.stack([-perfect, perfect, torch.zeros_like(perfect)], dim=1)  # (2, 3, 8, 8)
+    logits[1] = logits[1][[2, 0, 1]]  # object 1: the right mask is output 2
+    logits.requires_grad_(True)
+    iou_pred = torch.tensor([[0.0, 1.0, 0.5], [0.5, 0.0, 1.0]], requires_grad=True)
+    loss, parts, best = sam_loss(logits, iou_pred, target)
+    assert best.tolist() == [1, 2]
+    assert parts["iou"].item() == pytest.approx(1.0)
+    loss.backward()
+    grads = logits.grad.abs().sum(dim=(2, 3))
+    assert grads[0, 0] == 0 and grads[0, 2] == 0 and grads[1, 0] == 0 and grads[1, 1] == 0
+    # IoU predictions are trained on all three: actual IoUs are 0, 1 and 0 (all-zero logits predict nothing).
+    # actual IoUs [0, 1, 0] and [0, 0, 1]; each object is off by 0.5 on one output: 0.25 / 3
+    assert parts["iou_mse"].item() == pytest.approx(0.25 / 3, abs=1e-6)
+
+
+def test_mask_boxes_and_random_pixels() -> None:
+    masks = torch.zeros(2, 10, 12, dtype=torch.bool)
+    masks[0, 2:5, 3:9] = True
+    masks[1, 7, 11] = True
+    assert mask_boxes(masks).tolist() == [[3, 2, 8, 4], [11, 7, 11, 7]]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        coords, found = random_pixels(masks, generator)
+        assert found.all()
+        assert masks[0, int(coords[0, 1]), int(coords[0, 0])] and coords[1].tolist() == [11.0, 7.0]
+
+
+def test_noisy_boxes_follow_the_paper() -> None:
+    masks = torch.zeros(4000, 64, 64, dtype=torch.bool)
+    masks[:, 20:40, 10:50] = True  # box x 10..49 (40 wide), y 20..39 (20 high)
+    boxes = noisy_boxes(masks, torch.Generator().manual_seed(1))
+    exact = torch.tensor([10.0, 20.0, 49.0, 39.0])
+    noise = boxes - exact
+    # std 10% of the side (4 px in x, 2 px in y), well inside the 20 px clip and the frame
+    assert noise[:, 0].std().item() == pytest.approx(4.0, rel=0.1)
+    assert noise[:, 1].std().item() == pytest.approx(2.0, rel=0.1)
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    large = torch.ones(500, 400, 400, dtype=torch.bool)
+    clipped = noisy_boxes(large, torch.Generator().manual_seed(2))
+    assert clipped.min() >= 0 and clipped.max() <= 399
+    assert (clipped[:, 2] - 399).abs().max() <= 20
+
+
+def test_error_points_label_and_position() -> None:
+    target = torch.zeros(3, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True
+    predicted = target.clone()
+    predicted[0, 2:6, 2:4] = False  # misses the left half: false negatives
+    predicted[1, 0, 0] = True  # one false positive at cell (0, 0)
+    coords, labels = error_points(
+        predicted, target, stride=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert labels.tolist() == [1, 0, -1]
+    assert 8 <= coords[0, 0] < 16 and 8 <= coords[0, 1] < 24  # cells x 2..3, y 2..5, stride 4
+    assert 0 <= coords[1, 0] < 4 and 0 <= coords[1, 1] < 4
+
+
+def test_round_schedule_has_two_rounds_without_clicks() -> None:
+    for seed in range(10):
+        schedule = round_schedule(11, torch.Generator().manual_seed(seed))
+        assert len(schedule) == 10 and sum(schedule) == 8 and schedule[-1] is False
+    assert round_schedule(1, torch.Generator()) == []
+
+
+def test_learning_rate_schedule() -> None:
+    optim = OptimSection(lr=1.0, warmup_steps=4, lr_decay_steps=(10, 20), lr_decay_factor=0.1)
+    assert [learning_rate(optim, s) for s in (0, 3, 9, 10, 20)] == pytest.approx(
+        [0.25, 1.0, 1.0, 0.1, 0.01]
+    )
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("vit_b", 12), ("vit_t", 12)])
+def test_layer_ids_freeze_and_decay(name: str, blocks: int) -> None:
+    model = build_sam_from_config(MODEL_CONFIGS[name])
+    ids, num_layers = encoder_layer_ids(model)
+    assert num_layers == blocks + 1
+    assert {ids[k] for k in ids if k.startswith("neck")} == {num_layers}
+    assert ids["patch_embed.proj.weight" if name == "vit_b" else "patch_embed.seq.0.c.weight"] == 0
+    apply_freeze(model, ModelSection(name=name, freeze="partial", trainable_blocks=2))
+    trainable = {ids[k] for k, p in model.image_encoder.named_parameters() if p.requires_grad}
+    assert trainable == {blocks - 1, blocks, num_layers}
+    assert all(p.requires_grad for p in model.mask_decoder.parameters())
+    groups = parameter_groups(model, OptimSection(lr=1.0, layer_lr_decay=0.5))
+    assert sorted({g["lr_scale"] for g in groups}) == [0.25, 0.5, 1.0]
+    apply_freeze(model, ModelSection(name=name, freeze="encoder"))
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+
+
+def test_prepare_item_geometry() -> None:
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[:, 100:] = 255
+    masks = np.zeros((1, 100, 200), bool)
+    masks[0, :, 100:] = True  # the right half
+    augment = AugmentSection(scale_jitter=(1.0, 1.0), hflip=False, color=0.0)
+    item = prepare_item(image, masks, "x", 64, 4, 1, augment, np.random.default_rng(0))
+    assert item is not None
+    assert tuple(item.image.shape) == (3, 32, 64) and tuple(item.masks.shape) == (1, 64, 64)
+    assert (
+        item.masks[0, :32, 32:].all()
+        and not item.masks[0, :32, :32].any()
+        and not item.masks[0, 32:].any()
+    )
+    assert (item.image[:, :, 32:] == 255).all()
+    assert prepare_item(image, masks[:0], "x", 64, 4, 1, augment, np.random.default_rng(0)) is None
+
+
+def test_tiny_config_builds_for_training() -> None:
+    model = build_sam_from_config(TINY_CONFIG)
+    assert encoder_layer_ids(model)[1] == TINY_CONFIG.encoder.depth + 1
