@@ -56,8 +56,8 @@ def test_sam_loss_trains_only_the_best_of_three() -> None:
     loss.backward()
     grads = logits.grad.abs().sum(dim=(2, 3))
     assert grads[0, 0] == 0 and grads[0, 2] == 0 and grads[1, 0] == 0 and grads[1, 1] == 0
-    # IoU predictions are trained on all three: actual IoUs are 0, 1 and 0 (all-zero logits predict nothing).
-    # actual IoUs [0, 1, 0] and [0, 0, 1]; each object is off by 0.5 on one output: 0.25 / 3
+    # The IoU head learns all three outputs: actual IoUs [0, 1, 0] and [0, 0, 1],
+    # each object off by 0.5 on one output, so the MSE is 0.25 / 3.
     assert parts["iou_mse"].item() == pytest.approx(0.25 / 3, abs=1e-6)
 
 
