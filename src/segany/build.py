@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .errors import SeganyError
 from .modeling import (
+    HybridEncoder,
     ImageEncoderViT,
     MaskDecoder,
     PromptEncoder,
@@ -93,7 +94,31 @@ class TinyViTEncoderConfig:
         )
 
 
-EncoderConfig = ViTEncoderConfig | TinyViTEncoderConfig
+@dataclass(frozen=True)
+class HybridEncoderConfig:
+    """segany's CPU encoder (see :class:`~segany.modeling.HybridEncoder`)."""
+
+    widths: tuple[int, int, int] = (64, 128, 256)
+    depths: tuple[int, int, int] = (2, 2, 6)
+    attention_blocks: int = 2
+    num_heads: int = 8
+    mlp_ratio: float = 2.0
+    expand: float = 2.0
+
+    def build(self, img_size: int, out_chans: int) -> nn.Module:
+        return HybridEncoder(
+            img_size=img_size,
+            widths=self.widths,
+            depths=self.depths,
+            attention_blocks=self.attention_blocks,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            expand=self.expand,
+            out_chans=out_chans,
+        )
+
+
+EncoderConfig = ViTEncoderConfig | TinyViTEncoderConfig | HybridEncoderConfig
 
 
 @dataclass(frozen=True)
@@ -117,7 +142,11 @@ class SamConfig:
         return self.img_size // 16
 
 
-_ENCODER_TYPES: dict[str, type] = {"vit": ViTEncoderConfig, "tiny_vit": TinyViTEncoderConfig}
+_ENCODER_TYPES: dict[str, type] = {
+    "vit": ViTEncoderConfig,
+    "tiny_vit": TinyViTEncoderConfig,
+    "hybrid": HybridEncoderConfig,
+}
 CONFIG_METADATA_KEY = "segany_config"
 
 
@@ -152,7 +181,7 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
     "vit_b": SamConfig(ViTEncoderConfig(768, 12, 12, (2, 5, 8, 11))),
     "vit_t": SamConfig(TinyViTEncoderConfig()),
     # The project's own small model; weights ship in the package (segany/pretrained/).
-    "default": SamConfig(TinyViTEncoderConfig(), weights_file="default.safetensors"),
+    "default": SamConfig(HybridEncoderConfig(), img_size=512, weights_file="default.safetensors"),
 }
 
 

@@ -1,5 +1,6 @@
 """SAM's components, one per module. Nothing here imports the tools built on top."""
 
+from .hybrid_encoder import HybridEncoder
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -8,6 +9,7 @@ from .tiny_vit import TinyViT
 from .transformer import TwoWayTransformer
 
 __all__ = [
+    "HybridEncoder",
     "ImageEncoderViT",
     "MaskDecoder",
     "PromptEncoder",

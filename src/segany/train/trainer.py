@@ -385,7 +385,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                 with autocast:
                     loss, parts = step_module(items, generator)
                 (loss / config.optim.grad_accum).backward()
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(loss.item()):
             raise SeganyError(
                 f"loss became {float(loss)} at step {step}; lower optim.lr or use fp32"
             )
@@ -393,7 +393,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
             nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append({"loss": float(loss), **{k: float(v) for k, v in parts.items()}})
+        window.append({"loss": loss.item(), **{k: float(v) for k, v in parts.items()}})
 
         done = step + 1
         if world.is_main and (done % config.log_every == 0 or done == config.optim.steps):
