@@ -5,12 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from ..atomic import atomic_path
+from ..plots import new_figure, save_figure
 
 
 def plot_training_curves(metrics: Path, output: Path) -> Path | None:
@@ -21,15 +16,11 @@ def plot_training_curves(metrics: Path, output: Path) -> Path | None:
     if not records:
         return None
     steps = [r["step"] + 1 for r in records]
-    figure, (loss_axis, iou_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(steps, [r["loss"] for r in records], label="total")
+    figure, (loss_axis, iou_axis) = new_figure(2)
+    loss_axis.plot(steps, [r["loss"] for r in records])
     loss_axis.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
     for key, label in (("iou_first", "first prompt"), ("iou_last", "after all rounds")):
         iou_axis.plot(steps, [r[key] for r in records], label=label)
     iou_axis.set(xlabel="step", ylabel="IoU (low-res)", title="training IoU", ylim=(0, 1))
     iou_axis.legend()
-    figure.tight_layout()
-    with atomic_path(output) as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    return output
+    return save_figure(figure, output)
