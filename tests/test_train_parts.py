@@ -108,6 +108,8 @@ def test_round_schedule_has_two_rounds_without_clicks() -> None:
         schedule = round_schedule(11, torch.Generator().manual_seed(seed))
         assert len(schedule) == 10 and sum(schedule) == 8 and schedule[-1] is False
     assert round_schedule(1, torch.Generator()) == []
+    assert round_schedule(3, torch.Generator(), without_click=0) == [True, True]
+    assert round_schedule(4, torch.Generator(), without_click=1) == [True, True, False]
 
 
 def test_learning_rate_schedule() -> None:

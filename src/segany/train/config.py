@@ -70,6 +70,7 @@ class OptimSection:
     layer_lr_decay: float = 1.0
     grad_clip: float = 1.0
     rounds: int = 11  # simulated interactive rounds per mask (the paper's 11)
+    rounds_without_click: int = 2  # of those, rounds refining only with the previous mask
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0

@@ -95,17 +95,20 @@ def error_points(
     return coords, labels
 
 
-def round_schedule(rounds: int, generator: torch.Generator) -> list[bool]:
+def round_schedule(rounds: int, generator: torch.Generator, without_click: int = 2) -> list[bool]:
     """Whether each round after the first adds a click.
 
-    The paper's 11 rounds: the first prompt, 8 sampled clicks, one round without a
-    click at a random place among them and one at the end (the model then only
-    refines with its own previous mask).
+    The paper's 11 rounds: the first prompt, 8 sampled clicks and ``without_click``
+    = 2 rounds that only refine with the model's own previous mask, one at a
+    random place among the clicks and one at the end.
     """
-    clicks = max(rounds - 3, 0)
+    without_click = min(without_click, rounds - 1)
+    clicks = rounds - 1 - without_click
     schedule = [True] * clicks
-    if rounds >= 3:
-        schedule.insert(int(torch.randint(0, clicks + 1, (1,), generator=generator)), False)
-    if rounds >= 2:
+    if without_click >= 2:
+        for _ in range(without_click - 1):
+            place = int(torch.randint(0, len(schedule) + 1, (1,), generator=generator))
+            schedule.insert(place, False)
+    if without_click >= 1:
         schedule.append(False)
     return schedule

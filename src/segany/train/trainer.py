@@ -205,7 +205,7 @@ class InteractiveStep(nn.Module):
                 torch.ones(count, 1, dtype=torch.long, device=masks.device),
             )
 
-        schedule = round_schedule(optim.rounds, generator)
+        schedule = round_schedule(optim.rounds, generator, optim.rounds_without_click)
         mask_input: torch.Tensor | None = None
         total = embedding.new_zeros(())
         previous: torch.Tensor | None = None

@@ -1,0 +1,125 @@
+"""The bundled default model: latency on this machine and quality against GrabCut.
+
+    python benchmarks/bench_default_model.py [--checkpoint FILE] [--limit N] [--threads 2]
+
+Prints the image-embedding and decoder latency (fp32 and bf16), then, on the
+validation stems of ../shared/data/splits.json, box-prompt mIoU beside OpenCV
+GrabCut from the same boxes, and mIoU after 1 and 5 clicks, with the issue's floors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segany.build import load_model
+from segany.data import load_dataset
+from segany.evaluate import evaluate
+from segany.predictor import SamPredictor
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FLOORS = {
+    ("coco-mval", "miou_box"): 0.75,
+    ("coco-mval", "miou_1_click"): 0.60,
+    ("coco-mval", "miou_5_clicks"): 0.80,
+    ("dsb2018", "miou_box"): 0.80,
+}
+
+
+def _milliseconds(run: Callable[[], object], repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def latency(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    size = model.image_size
+    image = torch.randn(1, 3, size, size)
+    predictor = SamPredictor(model)
+    predictor.set_image(np.zeros((480, 640, 3), np.uint8))
+    points, labels = np.array([[320, 240], [100, 100]]), np.array([1, 0])
+    results = {}
+    for precision in ("fp32", "bf16"):
+        bf16 = precision == "bf16"
+
+        def encode(bf16: bool = bf16) -> object:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return model.image_encoder(image)
+
+        def decode(bf16: bool = bf16) -> object:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return predictor.predict(points, labels, multimask_output=True)
+
+        results[f"embedding_ms_{precision}"] = _milliseconds(encode, repeats)
+        results[f"predict_ms_{precision}"] = _milliseconds(decode, repeats)
+    return results
+
+
+def quality(model: torch.nn.Module, name: str, limit: int | None) -> dict[str, float | None]:
+    dataset = load_dataset(SHARED / name, split="val")
+    if limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    prompts = ("box", "clicks") if name == "coco-mval" else ("box",)
+    result = evaluate(
+        SamPredictor(model), dataset, prompts, max_clicks=5, baseline="grabcut", progress=True
+    )
+    summary = result.summary()
+    clicks = summary.get("miou_clicks") or {}
+    return {
+        "n_objects": summary["n_objects"],
+        "miou_box": summary["miou_box"],
+        "grabcut_miou_box": summary.get("grabcut_miou_box"),
+        "miou_1_click": clicks.get("1"),
+        "miou_5_clicks": clicks.get("5"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", help="weights to measure (default: the bundled default model)"
+    )
+    parser.add_argument("--limit", type=int, help="only the first N validation images of each set")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--skip-quality", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(None if args.checkpoint else "default", args.checkpoint, "cpu").eval()
+
+    report: dict[str, object] = {"latency": latency(model, args.repeats)}
+    for key, value in report["latency"].items():
+        print(f"{key:<22} {value:8.1f}")
+    if not args.skip_quality:
+        for name in ("coco-mval", "dsb2018"):
+            scores = quality(model, name, args.limit)
+            report[name] = scores
+            print(f"\n{name} validation ({scores['n_objects']} objects)")
+            for key in ("miou_box", "grabcut_miou_box", "miou_1_click", "miou_5_clicks"):
+                value = scores[key]
+                floor = FLOORS.get((name, key))
+                verdict = (
+                    ""
+                    if floor is None or value is None
+                    else ("pass" if value >= floor else "BELOW")
+                )
+                shown = "-" if value is None else f"{value:.3f}"
+                target = "" if floor is None else f"floor {floor:.2f} {verdict}"
+                print(f"  {key:<18} {shown:>6}  {target}")
+    print("\n" + json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
