@@ -22,6 +22,16 @@ class LayerNorm2d(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+def sam_neck(in_chans: int, out_chans: int) -> nn.Sequential:
+    """SAM's neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (state keys neck.0-3)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans),
+    )
+
+
 class MLPBlock(nn.Module):
     """Transformer feed-forward block: Linear -> activation -> Linear."""
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import DropPath, LayerNorm2d, MLPBlock
+from .common import DropPath, MLPBlock, sam_neck
 
 
 class ConvNormAct(nn.Sequential):
@@ -120,12 +120,7 @@ class HybridEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             AttentionBlock(widths[-1], num_heads, mlp_ratio) for _ in range(attention_blocks)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(widths[-1], out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = sam_neck(widths[-1], out_chans)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
