@@ -3,13 +3,19 @@ plain-Python NMS stand-in and hand-computed cases."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from segment_anything.utils import amg as official
 from torchvision.ops.boxes import batched_nms as reference_nms  # tests/standins
 
+from segany import mask_formats as mf
 from segany import masks as m
 
 
@@ -41,8 +47,10 @@ def _random_masks(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarra
 
 def _all_masks() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
-    return _edge_case_masks() + list(_random_masks(rng, 6, 37, 53)) + list(
-        _random_masks(rng, 4, 64, 23)
+    return (
+        _edge_case_masks()
+        + list(_random_masks(rng, 6, 37, 53))
+        + list(_random_masks(rng, 4, 64, 23))
     )
 
 
@@ -214,3 +222,145 @@ def test_remove_small_regions_hand_computed() -> None:
     assert not changed and not same.any()
     with pytest.raises(ValueError):
         m.remove_small_regions(mask, 2, "both")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "crop",
+    [
+        (0, 0, 31, 17),
+        (0, 0, 31, 9),
+        (5, 0, 20, 17),
+        (0, 4, 31, 12),
+        (3, 2, 12, 15),
+        (30, 16, 31, 17),
+    ],
+)
+def test_rle_of_crop_matches_padded_mask(crop: tuple[int, int, int, int]) -> None:
+    x0, y0, x1, y1 = crop
+    rng = np.random.default_rng(x0 * 100 + y0)
+    masks = _random_masks(rng, 4, y1 - y0, x1 - x0)
+    masks[0] = True  # runs crossing column ends, which join when the crop is full height
+    masks[1] = False
+    full = np.zeros((len(masks), 17, 31), bool)
+    full[:, y0:y1, x0:x1] = masks
+    ours = m.masks_to_rle(torch.from_numpy(masks), image_size=(17, 31), offset=(x0, y0))
+    assert ours == official.mask_to_rle_pytorch(torch.from_numpy(full))
+    with pytest.raises(ValueError):
+        m.masks_to_rle(torch.from_numpy(masks), image_size=(17, 31), offset=(32 - x1 + x0, y0))
+
+
+# -------------------------------------------------------------------------------------
+# Output files (segany.mask_formats)
+# -------------------------------------------------------------------------------------
+
+
+def _hand_records(mode: str) -> tuple[list[dict], list[np.ndarray]]:
+    """Two records on a 6x9 image with known masks, segmentation in ``mode``."""
+    a = np.zeros((6, 9), bool)
+    a[1:4, 2:7] = True  # 3 rows x 5 columns
+    b = np.zeros((6, 9), bool)
+    b[5, 8] = True  # single pixel in the corner
+    records = []
+    for mask, iou, point in [(a, 0.91, [4.5, 2.25]), (b, 0.5, [8.0, 5.0])]:
+        (rle,) = m.masks_to_rle(torch.from_numpy(mask)[None])
+        segmentation = {"binary_mask": mask, "uncompressed_rle": rle}.get(mode)
+        if mode == "coco_rle":
+            segmentation = m.rle_to_coco(rle)
+        ys, xs = np.nonzero(mask)
+        records.append(
+            {
+                "segmentation": segmentation,
+                "area": int(mask.sum()),
+                "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()),
+                         int(ys.max() - ys.min())],
+                "predicted_iou": iou,
+                "point_coords": [point],
+                "stability_score": 0.96,
+                "crop_box": [0, 0, 9, 6],
+            }
+        )  # fmt: skip
+    return records, [a, b]
+
+
+@pytest.mark.parametrize("mode", ["binary_mask", "uncompressed_rle", "coco_rle"])
+def test_record_segmentation_any_mode(mode: str) -> None:
+    records, masks = _hand_records(mode)
+    for record, mask in zip(records, masks, strict=True):
+        expected = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert mf.record_coco_rle(record) == {"size": [6, 9], "counts": expected["counts"].decode()}
+        np.testing.assert_array_equal(mf.record_mask(record), mask)
+
+
+def test_sa1b_document(tmp_path: Path) -> None:
+    records, masks = _hand_records("binary_mask")
+    path = mf.write_json(tmp_path / "a.json", mf.sa1b_document(records, 7, "a.jpg", 6, 9))
+    doc = json.loads(path.read_text())
+    assert doc["image"] == {"image_id": 7, "file_name": "a.jpg", "width": 9, "height": 6}
+    assert [a["id"] for a in doc["annotations"]] == [1, 2]
+    first = doc["annotations"][0]
+    assert set(first) == {"id", "segmentation", "bbox", "area", "predicted_iou",
+                          "stability_score", "crop_box", "point_coords"}  # fmt: skip
+    assert first["bbox"] == [2, 1, 4, 2] and first["area"] == 15
+    assert first["point_coords"] == [[4.5, 2.25]] and first["crop_box"] == [0, 0, 9, 6]
+    for ann, mask in zip(doc["annotations"], masks, strict=True):
+        rle = {
+            "size": ann["segmentation"]["size"],
+            "counts": ann["segmentation"]["counts"].encode(),
+        }
+        np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), mask)
+
+
+def test_coco_document_reads_with_pycocotools(tmp_path: Path) -> None:
+    records, masks = _hand_records("coco_rle")
+    docs = [
+        mf.sa1b_document(records, 3, "x.jpg", 6, 9),
+        mf.sa1b_document(records[:1], 9, "y.png", 6, 9),
+    ]
+    path = mf.write_json(tmp_path / "instances.json", mf.coco_document(docs))
+    coco = COCO(str(path))
+    assert sorted(coco.getImgIds()) == [3, 9]
+    assert coco.loadCats(coco.getCatIds()) == [
+        {"id": 1, "name": "object", "supercategory": "object"}
+    ]
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[3]))
+    assert [a["id"] for a in anns] == [1, 2] and coco.getAnnIds(imgIds=[9]) == [3]
+    for ann, mask in zip(anns, masks, strict=True):
+        np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
+        assert ann["iscrowd"] == 0 and ann["category_id"] == 1
+        assert ann["area"] == int(mask.sum())
+        ys, xs = np.nonzero(mask)  # COCO box: width counts pixels
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    assert anns[0]["score"] == pytest.approx(0.91)
+
+
+def test_amg_folder_matches_official_layout(tmp_path: Path) -> None:
+    records, masks = _hand_records("binary_mask")
+    folder = tmp_path / "img"
+    folder.mkdir()
+    (folder / "5.png").write_bytes(b"stale")
+    mf.write_amg_folder(folder, records)
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png", "metadata.csv"]
+    for i, mask in enumerate(masks):
+        pixels = np.array(Image.open(folder / f"{i}.png"))
+        np.testing.assert_array_equal(pixels, mask.astype(np.uint8) * 255)
+    # The official script's rows: str() of each value, comma-joined, no final newline.
+    assert (folder / "metadata.csv").read_text() == (
+        "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
+        "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h\n"
+        "0,15,2,1,4,2,4.5,2.25,0.91,0.96,0,0,9,6\n"
+        "1,1,8,5,0,0,8.0,5.0,0.5,0.96,0,0,9,6"
+    )
+
+
+def test_draw_masks(tmp_path: Path) -> None:
+    records, masks = _hand_records("uncompressed_rle")
+    image = np.full((6, 9, 3), 100, np.uint8)
+    drawn = mf.draw_masks(image, records, alpha=0.5)
+    assert drawn.shape == image.shape and drawn.dtype == np.uint8
+    outside = ~(masks[0] | masks[1])
+    np.testing.assert_array_equal(drawn[outside], image[outside])
+    assert (drawn[masks[0]] != 100).any(axis=-1).all()
+    assert (image == 100).all()  # not modified
+    path = mf.write_overlay(tmp_path / "o.png", image, records)
+    np.testing.assert_array_equal(np.array(Image.open(path)), drawn)
+    np.testing.assert_array_equal(mf.draw_masks(image, []), image)

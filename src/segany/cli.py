@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 from . import __version__
 from .commands import eval as eval_command
-from .commands import segment, train, weights
+from .commands import everything, segment, train, weights
 from .errors import SeganyError
 
-COMMANDS = (segment, weights, train, eval_command)
+COMMANDS = (segment, everything, weights, train, eval_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+import warnings
 from itertools import product
 from typing import Any, Literal
 
@@ -234,39 +235,67 @@ def generate_crop_boxes(
 # --------------------------------------------------------------------------------------
 
 
-def masks_to_rle(masks: torch.Tensor) -> list[UncompressedRLE]:
+def masks_to_rle(
+    masks: torch.Tensor,
+    image_size: tuple[int, int] | None = None,
+    offset: tuple[int, int] = (0, 0),
+) -> list[UncompressedRLE]:
     """Uncompressed RLEs of a batch of binary masks, computed in one vectorised pass.
 
+    A mask may be a crop of a larger, otherwise empty image: the RLE is then that of the
+    full image, without ever building the full-size mask.
+
     Args:
-        masks: (B, H, W) bool masks.
+        masks: (B, h, w) bool masks.
+        image_size: (H, W) of the image the masks lie in; defaults to (h, w).
+        offset: (x0, y0) of the masks' top-left pixel in that image.
 
     Returns:
         B dicts ``{"size": [H, W], "counts": [...]}``; counts alternate zero/one runs over
         the column-major pixels, starting with the (possibly empty) run of zeros.
     """
     b, h, w = masks.shape
-    if b == 0:
-        return []
-    if h * w == 0:
-        return [{"size": [h, w], "counts": [0]} for _ in range(b)]
-    flat = masks.transpose(1, 2).reshape(b, h * w)  # column-major, as COCO
-    change = flat[:, 1:] != flat[:, :-1]
-    mask_idx, pos = torch.nonzero(change, as_tuple=True)  # sorted by mask then position
-    n_changes = torch.bincount(mask_idx, minlength=b)
-    # Each mask's runs end at every change and at the end; slot j of run ends for a change
-    # in mask m is shifted by m because every earlier mask adds one end-of-mask run.
-    n_runs = n_changes + 1
-    last_slot = torch.cumsum(n_runs, 0) - 1
-    ends = torch.full((int(n_runs.sum()),), h * w, dtype=torch.int64, device=masks.device)
-    ends[torch.arange(pos.numel(), device=masks.device) + mask_idx] = pos + 1
-    starts = torch.roll(ends, 1)
-    starts[last_slot - n_changes] = 0  # first run of every mask starts at pixel 0
-    lengths = (ends - starts).tolist()
-    first_is_one = flat[:, 0].tolist()
-    bounds = [0, *torch.cumsum(n_runs, 0).tolist()]
+    big_h, big_w = image_size if image_size is not None else (h, w)
+    x0, y0 = offset
+    if x0 < 0 or y0 < 0 or x0 + w > big_w or y0 + h > big_h:
+        raise ValueError(f"a {w}x{h} mask at {offset} does not fit in a {big_w}x{big_h} image")
+    # Column-major (as COCO) with a zero row above and below every column, so each one-run
+    # starts and ends inside its own column.
+    col_len = h + 2
+    padded = masks.new_zeros((b, w, col_len))
+    padded[:, :, 1:-1] = masks.transpose(1, 2)
+    flat = padded.reshape(b, w * col_len)
+    mask_idx, pos = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
+    k = pos + 1  # first element after each change: a run's first one or its first zero
+    bounds = (x0 + k // col_len) * big_h + y0 + k % col_len - 1
+    # A run reaching the bottom of a full-height column continues at the top of the next
+    # one; its end and the next start coincide and must vanish.
+    joined = (bounds[1:] == bounds[:-1]) & (mask_idx[1:] == mask_idx[:-1])
+    # A run ending at the image's last pixel ends with the image: no boundary there.
+    drop = bounds == big_h * big_w
+    drop[:-1] |= joined
+    drop[1:] |= joined
+    bounds, mask_idx = bounds[~drop], mask_idx[~drop]
+    return _rles_from_bounds(bounds, mask_idx, b, (big_h, big_w))
+
+
+def _rles_from_bounds(
+    bounds: torch.Tensor, mask_idx: torch.Tensor, n_masks: int, size: tuple[int, int]
+) -> list[UncompressedRLE]:
+    """RLEs from run boundaries (K,) (flat column-major indices, sorted within each mask)
+    and the mask (K,) each belongs to; a mask's counts are the gaps 0 -> bounds -> H*W."""
+    bounds, mask_idx = bounds.cpu(), mask_idx.cpu()
+    n = torch.bincount(mask_idx, minlength=n_masks)
+    # Mask m owns n[m] + 2 slots: 0, its boundaries, H*W.
+    slot_end = torch.cumsum(n + 2, 0)
+    slot_start = slot_end - (n + 2)
+    slots = torch.full((int(slot_end[-1]) if n_masks else 0,), size[0] * size[1], dtype=torch.int64)
+    slots[slot_start] = 0
+    slots[torch.arange(bounds.numel()) + 1 + 2 * mask_idx] = bounds
+    gaps = (slots[1:] - slots[:-1]).tolist()
     return [
-        {"size": [h, w], "counts": [0] * one + lengths[lo:hi]}
-        for one, lo, hi in zip(first_is_one, bounds[:-1], bounds[1:], strict=True)
+        {"size": list(size), "counts": gaps[lo : lo + count + 1]}
+        for lo, count in zip(slot_start.tolist(), n.tolist(), strict=True)
     ]
 
 
@@ -301,7 +330,10 @@ def _pycoco_rle(rle: CocoRLE) -> dict[str, Any]:
 
 def coco_to_mask(rle: CocoRLE) -> np.ndarray:
     """(H, W) bool mask decoded from a compressed COCO RLE (``counts`` str or bytes)."""
-    return mask_utils.decode(_pycoco_rle(rle)).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools' decoder trips a harmless NumPy 2 deprecation on every call.
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        return mask_utils.decode(_pycoco_rle(rle)).astype(bool)
 
 
 def coco_bbox(rle: CocoRLE) -> list[float]:

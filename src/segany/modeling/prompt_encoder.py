@@ -50,8 +50,9 @@ class PositionEmbeddingRandom(nn.Module):
         self, coords_input: torch.Tensor, image_size: tuple[int, int]
     ) -> torch.Tensor:
         """Encode (B, N, 2) pixel coordinates (x, y) of an image of ``image_size`` (h, w)."""
-        scale = coords_input.new_tensor([1.0 / image_size[1], 1.0 / image_size[0]])
-        return self._encode(coords_input.float() * scale)
+        # Divide in the input's dtype (float64 from the official generator), as the official code.
+        size = torch.tensor([image_size[1], image_size[0]], device=coords_input.device)
+        return self._encode((coords_input / size.to(coords_input.dtype)).float())
 
 
 class PromptEncoder(nn.Module):

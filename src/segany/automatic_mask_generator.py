@@ -1,0 +1,566 @@
+"""Segment everything: masks for a grid of point prompts over the image and its crops.
+
+A drop-in for the official ``SamAutomaticMaskGenerator`` (same options, defaults and
+records, and the same masks and scores for the same weights). It differs only in how the
+work is done: masks are filtered by predicted IoU before they are upscaled, upscaled and
+thresholded in chunks, run-length encoded in one vectorised pass straight from the crop
+(no full-size copy), and the prompt-independent inputs of the mask decoder are computed
+once per crop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segany.errors import SeganyError
+from segany.masks import (
+    UncompressedRLE,
+    batched_nms,
+    box_area,
+    box_xyxy_to_xywh,
+    boxes_near_crop_edge,
+    build_layer_point_grids,
+    generate_crop_boxes,
+    masks_to_boxes,
+    masks_to_rle,
+    remove_small_regions,
+    rle_area,
+    rle_to_coco,
+    rle_to_mask,
+    stability_score,
+)
+from segany.modeling import Sam
+from segany.predictor import SamPredictor
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+# Masks upscaled to full resolution at a time: bounds memory (each is ~4 MB at 1024²).
+UPSCALE_CHUNK = 16
+
+
+@dataclass
+class MaskCandidates:
+    """Masks found so far and their data, one row per mask (N of them).
+
+    Attributes:
+        rles: N uncompressed RLEs in the original image.
+        boxes: (N, 4) int64 inclusive XYXY boxes in the original image.
+        iou_preds: (N,) float32 predicted IoU.
+        stability: (N,) float32 stability scores.
+        points: (N, 2) float64 prompt points (x, y) in the original image.
+        crop_boxes: (N, 4) int64 half-open XYXY crop each mask was found in.
+    """
+
+    rles: list[UncompressedRLE]
+    boxes: torch.Tensor
+    iou_preds: torch.Tensor
+    stability: torch.Tensor
+    points: torch.Tensor
+    crop_boxes: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def select(self, keep: torch.Tensor) -> MaskCandidates:
+        """Rows ``keep`` ((K,) indices or (N,) bool), in that order."""
+        index = torch.nonzero(keep).flatten() if keep.dtype == torch.bool else keep
+        rows = index.tolist()
+        return MaskCandidates(
+            rles=[self.rles[i] for i in rows],
+            **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "rles"},
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[MaskCandidates]) -> MaskCandidates:
+        """All rows of ``parts``, in order (``parts`` must not be empty)."""
+        return MaskCandidates(
+            rles=[rle for part in parts for rle in part.rles],
+            **{
+                f.name: torch.cat([getattr(part, f.name) for part in parts])
+                for f in fields(MaskCandidates)
+                if f.name != "rles"
+            },
+        )
+
+
+def upscale_logits(
+    low_res: torch.Tensor,
+    model_size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> torch.Tensor:
+    """SAM's mask post-processing, bit for bit, without computing the padding.
+
+    SAM upscales (B, C, s, s) logits bilinearly to the padded (model_size, model_size) input,
+    crops the (h, w) = ``input_size`` image part and resizes that to ``original_size``. Each
+    bilinear output pixel depends only on its two nearest source rows/columns, so upscaling
+    just the source rows/columns the image part needs (plus one) by the same integer factor
+    gives exactly the same numbers for less work when the image is not square.
+
+    Returns:
+        (B, C, H, W) logits, H, W = ``original_size``.
+    """
+    side = low_res.shape[-1]
+    factor = model_size // side
+    if low_res.shape[-2] == side and factor * side == model_size:
+        rows = min(side, math.ceil(input_size[0] / factor) + 1)
+        cols = min(side, math.ceil(input_size[1] / factor) + 1)
+        padded = F.interpolate(
+            low_res[..., :rows, :cols],
+            (rows * factor, cols * factor),
+            mode="bilinear",
+            align_corners=False,
+        )
+    else:  # not SAM's layout: upscale everything
+        padded = F.interpolate(
+            low_res, (model_size, model_size), mode="bilinear", align_corners=False
+        )
+    image_part = padded[..., : input_size[0], : input_size[1]]
+    return F.interpolate(image_part, tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SeganyError(message)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    _require(
+        isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
+        f"{name} must be a number between 0 and 1, got {value!r}",
+    )
+
+
+def _check_count(name: str, value: int, minimum: int) -> None:
+    _require(
+        isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum,
+        f"{name} must be an integer >= {minimum}, got {value!r}",
+    )
+
+
+def _checked_point_grids(grids: Sequence[np.ndarray], n_layers: int) -> list[np.ndarray]:
+    """User grids as float64 (N, 2) arrays in [0, 1], one per crop layer at least."""
+    _require(
+        len(grids) >= n_layers + 1,
+        f"point_grids has {len(grids)} grid(s) but crop_n_layers={n_layers} needs "
+        f"{n_layers + 1}, one per layer",
+    )
+    checked = []
+    for i, grid in enumerate(grids):
+        array = np.asarray(grid, dtype=np.float64)
+        _require(
+            array.ndim == 2 and array.shape[1] == 2 and len(array) > 0,
+            f"point_grids[{i}] must be a non-empty (N, 2) array of x, y, got shape {array.shape}",
+        )
+        _require(
+            bool(((array >= 0) & (array <= 1)).all()),
+            f"point_grids[{i}] must hold coordinates normalised to [0, 1]",
+        )
+        checked.append(array)
+    return checked
+
+
+def check_options(
+    points_per_side: int | None = 32,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    stability_score_offset: float = 1.0,
+    box_nms_thresh: float = 0.7,
+    crop_n_layers: int = 0,
+    crop_nms_thresh: float = 0.7,
+    crop_overlap_ratio: float = 512 / 1500,
+    crop_n_points_downscale_factor: int = 1,
+    point_grids: Sequence[np.ndarray] | None = None,
+    min_mask_region_area: int = 0,
+    output_mode: str = "binary_mask",
+) -> list[np.ndarray]:
+    """Validate generator options (SeganyError on the first bad one); return the point grids.
+
+    Returns one (N_i, 2) float64 grid of normalised (x, y) points per crop layer.
+    """
+    _require(
+        (points_per_side is None) != (point_grids is None),
+        "give exactly one of points_per_side and point_grids "
+        "(set points_per_side=None to use point_grids)",
+    )
+    for name, value in [
+        ("pred_iou_thresh", pred_iou_thresh),
+        ("stability_score_thresh", stability_score_thresh),
+        ("box_nms_thresh", box_nms_thresh),
+        ("crop_nms_thresh", crop_nms_thresh),
+    ]:
+        _check_fraction(name, value)
+    _require(
+        isinstance(crop_overlap_ratio, (int, float)) and 0.0 <= crop_overlap_ratio < 1.0,
+        f"crop_overlap_ratio must be >= 0 and < 1, got {crop_overlap_ratio!r}",
+    )
+    _require(
+        isinstance(stability_score_offset, (int, float)) and stability_score_offset >= 0,
+        f"stability_score_offset must be a number >= 0, got {stability_score_offset!r}",
+    )
+    _check_count("points_per_batch", points_per_batch, 1)
+    _check_count("crop_n_layers", crop_n_layers, 0)
+    _check_count("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+    _check_count("min_mask_region_area", min_mask_region_area, 0)
+    _require(
+        output_mode in OUTPUT_MODES,
+        f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}",
+    )
+    if point_grids is not None:
+        return _checked_point_grids(point_grids, crop_n_layers)
+    assert points_per_side is not None
+    _check_count("points_per_side", points_per_side, 1)
+    deepest = int(points_per_side / crop_n_points_downscale_factor**crop_n_layers)
+    _require(
+        deepest >= 1,
+        f"points_per_side={points_per_side} leaves no points in crop layer {crop_n_layers} "
+        f"after downscaling by {crop_n_points_downscale_factor} per layer; use more points, "
+        "fewer crop layers or a smaller crop_n_points_downscale_factor",
+    )
+    return build_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
+
+
+def check_image(image: np.ndarray) -> None:
+    """SeganyError unless ``image`` is a non-empty (H, W, 3) uint8 array."""
+    _require(
+        isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3,
+        f"image must be an (H, W, 3) RGB array, got shape {getattr(image, 'shape', None)}; "
+        "use segany.images.read_image to load a file",
+    )
+    _require(image.dtype == np.uint8, f"image must be uint8 (0-255), got {image.dtype}")
+    _require(min(image.shape[:2]) > 0, "image is empty (zero height or width)")
+
+
+class SamAutomaticMaskGenerator:
+    """Generates masks for everything in an image with a grid of point prompts.
+
+    Options (defaults suit SAM ViT-H, as the official generator's):
+        model: the SAM model.
+        points_per_side: points along each side of the grid (points_per_side² points);
+            ``None`` when ``point_grids`` is given.
+        points_per_batch: points run through the mask decoder together.
+        pred_iou_thresh: keep masks whose predicted IoU is > this (0 disables).
+        stability_score_thresh: keep masks whose stability score is >= this (0 disables).
+        stability_score_offset: logit shift used for the stability score.
+        box_nms_thresh: box IoU above which duplicates within a crop are removed.
+        crop_n_layers: extra layers of crops; layer i has (2**i)² crops.
+        crop_nms_thresh: box IoU above which duplicates across crops are removed (masks from
+            smaller crops win).
+        crop_overlap_ratio: overlap of first-layer crops as a fraction of the short side.
+        crop_n_points_downscale_factor: layer i uses points_per_side / factor**i points.
+        point_grids: explicit (N, 2) grids of normalised (x, y) points, one per layer.
+        min_mask_region_area: if > 0, fill holes and remove islands smaller than this many
+            pixels, then drop new duplicates.
+        output_mode: ``binary_mask`` ((H, W) bool), ``uncompressed_rle`` or ``coco_rle``
+            (pycocotools compressed RLE with str counts).
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        self.point_grids = check_options(
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers,
+            crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            point_grids=point_grids,
+            min_mask_region_area=min_mask_region_area,
+            output_mode=output_mode,
+        )
+        self.predictor = SamPredictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+
+    @property
+    def model(self) -> Sam:
+        return self.predictor.model
+
+    # -- public API -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Masks for everything in ``image``.
+
+        Args:
+            image: (H, W, 3) uint8 RGB image.
+
+        Returns:
+            One record per mask: ``segmentation`` (per ``output_mode``), ``area`` (pixels),
+            ``bbox`` (XYWH, inclusive corners: ``w = x_max - x_min``), ``predicted_iou``,
+            ``point_coords`` ([[x, y]] prompt), ``stability_score`` and ``crop_box`` (XYWH).
+        """
+        check_image(image)
+        candidates = self.generate_candidates(image)
+        if self.min_mask_region_area > 0 and len(candidates) > 0:
+            candidates = self.postprocess_small_regions(
+                candidates,
+                self.min_mask_region_area,
+                max(self.box_nms_thresh, self.crop_nms_thresh),
+            )
+        return self.records(candidates)
+
+    def records(self, candidates: MaskCandidates) -> list[dict[str, Any]]:
+        """Output records (see :meth:`generate`) for ``candidates``."""
+        encode = {
+            "binary_mask": rle_to_mask,
+            "uncompressed_rle": lambda rle: rle,
+            "coco_rle": rle_to_coco,
+        }[self.output_mode]
+        boxes = box_xyxy_to_xywh(candidates.boxes).tolist()
+        crop_boxes = box_xyxy_to_xywh(candidates.crop_boxes).tolist()
+        return [
+            {
+                "segmentation": encode(rle),
+                "area": rle_area(rle),
+                "bbox": box,
+                "predicted_iou": iou,
+                "point_coords": [point],
+                "stability_score": stability,
+                "crop_box": crop_box,
+            }
+            for rle, box, iou, point, stability, crop_box in zip(
+                candidates.rles,
+                boxes,
+                candidates.iou_preds.tolist(),
+                candidates.points.tolist(),
+                candidates.stability.tolist(),
+                crop_boxes,
+                strict=True,
+            )
+        ]
+
+    # -- crops ------------------------------------------------------------------------
+
+    def generate_candidates(self, image: np.ndarray) -> MaskCandidates:
+        """All masks over the image and its crops, after within- and across-crop NMS.
+
+        Rows are ordered as the official generator orders them: crops in
+        :func:`generate_crop_boxes` order, within a crop by descending predicted IoU; after
+        the cross-crop NMS, by descending 1 / crop area.
+        """
+        image_size = (int(image.shape[0]), int(image.shape[1]))
+        crop_boxes, layers = generate_crop_boxes(
+            image_size, self.crop_n_layers, self.crop_overlap_ratio
+        )
+        image_pe = self.model.prompt_encoder.get_dense_pe()  # the same for every batch
+        candidates = MaskCandidates.concat(
+            [
+                self._process_crop(image, crop_box, layer, image_pe)
+                for crop_box, layer in zip(crop_boxes, layers, strict=True)
+            ]
+        )
+        if len(crop_boxes) > 1 and len(candidates) > 0:
+            # Prefer masks from smaller crops: they saw the object at higher resolution.
+            scores = 1 / box_area(candidates.crop_boxes)
+            keep = batched_nms(
+                candidates.boxes.float(),
+                scores,
+                torch.zeros(len(candidates), dtype=torch.int64),
+                self.crop_nms_thresh,
+            )
+            candidates = candidates.select(keep)
+        return candidates
+
+    def _process_crop(
+        self, image: np.ndarray, crop_box: list[int], layer: int, image_pe: torch.Tensor
+    ) -> MaskCandidates:
+        """Masks from one crop (half-open XYXY ``crop_box``), after NMS within the crop."""
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        self.predictor.set_image(crop)
+        # Grid points scaled to the crop's pixels, x then y.
+        points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+        parts = [
+            self._process_batch(
+                points[start : start + self.points_per_batch], crop_box, image, image_pe
+            )
+            for start in range(0, len(points), self.points_per_batch)
+        ]
+        self.predictor.reset_image()
+        candidates = MaskCandidates.concat(parts)
+        offset = torch.tensor([x0, y0, x0, y0])
+        keep = batched_nms(
+            candidates.boxes.float(),
+            candidates.iou_preds,
+            torch.zeros(len(candidates), dtype=torch.int64),
+            self.box_nms_thresh,
+        )
+        candidates = candidates.select(keep)
+        # Boxes and points were in the crop's frame until now.
+        candidates.boxes = candidates.boxes + offset
+        candidates.points = candidates.points + offset[:2]
+        candidates.crop_boxes = torch.tensor([crop_box], dtype=torch.int64).expand(len(keep), 4)
+        return candidates
+
+    # -- point batches ----------------------------------------------------------------
+
+    def _decode(
+        self, points: np.ndarray, crop_size: tuple[int, int], image_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (B, 3, 4h, 4w) and predicted IoU (B, 3) for B single-point prompts.
+
+        ``points`` (B, 2) are pixels of the crop; the predictor's image must be that crop.
+        """
+        coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size))
+        # The official generator passes float64 points, which the prompt encoder shifts to
+        # pixel centres (+0.5) before rounding to float32. Rounding the shifted value here
+        # and undoing the shift (exact in float32) gives the model the same numbers.
+        coords = ((coords + 0.5).float() - 0.5).to(self.predictor.device)[:, None, :]
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return self.model.mask_decoder(
+            image_embeddings=self.predictor.features,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+
+    def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
+        """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""
+        assert self.predictor.input_size is not None
+        return upscale_logits(
+            low_res[:, None], self.model.image_size, self.predictor.input_size, crop_size
+        )[:, 0]
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        crop_box: list[int],
+        image: np.ndarray,
+        image_pe: torch.Tensor,
+    ) -> MaskCandidates:
+        """Masks for a batch of (B, 2) crop-pixel points that pass the quality filters.
+
+        Rows are point-major (the 3 masks of point 0, then of point 1, ...). Boxes and
+        points stay in the crop's frame; RLEs are already in the image's frame; crop boxes
+        are left for :meth:`_process_crop` to fill.
+        """
+        x0, y0, x1, y1 = crop_box
+        crop_size = (y1 - y0, x1 - x0)
+        low_res, iou_preds = self._decode(points, crop_size, image_pe)
+        n_out = low_res.shape[1]
+        low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)
+        point_rows = torch.as_tensor(points).repeat_interleave(n_out, dim=0)
+        # The IoU filter needs no upscaling, so it runs first and spares most of that work.
+        if self.pred_iou_thresh > 0.0:
+            keep = torch.nonzero(iou_preds > self.pred_iou_thresh).flatten()
+            low_res, iou_preds, point_rows = low_res[keep], iou_preds[keep], point_rows[keep.cpu()]
+        masks, stability, keep = self._threshold(low_res, crop_size)
+        iou_preds, point_rows = iou_preds[keep], point_rows[keep.cpu()]
+        boxes = masks_to_boxes(masks)
+        image_box = [0, 0, image.shape[1], image.shape[0]]
+        inside = ~boxes_near_crop_edge(boxes, crop_box, image_box)
+        masks, boxes, iou_preds = masks[inside], boxes[inside], iou_preds[inside]
+        stability, point_rows = stability[inside], point_rows[inside.cpu()]
+        return MaskCandidates(
+            rles=masks_to_rle(masks, image_size=(image.shape[0], image.shape[1]), offset=(x0, y0)),
+            boxes=boxes.cpu(),
+            iou_preds=iou_preds.cpu(),
+            stability=stability.cpu(),
+            points=point_rows,
+            crop_boxes=torch.empty((len(point_rows), 4), dtype=torch.int64),
+        )
+
+    def _threshold(
+        self, low_res: torch.Tensor, crop_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Upscale (M, 4h, 4w) logits chunk by chunk; keep the stable ones.
+
+        Returns (K, H, W) bool masks over the crop, their (K,) float32 stability scores and
+        the (K,) indices of the kept rows.
+        """
+        threshold = self.model.mask_threshold
+        masks, scores, kept = [], [], []
+        for start in range(0, low_res.shape[0], UPSCALE_CHUNK):
+            logits = self._upscale(low_res[start : start + UPSCALE_CHUNK], crop_size)
+            score = stability_score(logits, threshold, self.stability_score_offset)
+            keep = torch.arange(len(score), device=score.device)
+            if self.stability_score_thresh > 0.0:
+                keep = torch.nonzero(score >= self.stability_score_thresh).flatten()
+            masks.append(logits[keep] > threshold)
+            scores.append(score[keep])
+            kept.append(keep + start)
+        if not masks:
+            h, w = crop_size
+            empty = low_res.new_zeros((0, h, w), dtype=torch.bool)
+            return empty, low_res.new_zeros(0), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(masks), torch.cat(scores), torch.cat(kept)
+
+    # -- post-processing --------------------------------------------------------------
+
+    @staticmethod
+    def postprocess_small_regions(
+        candidates: MaskCandidates, min_area: int, nms_thresh: float
+    ) -> MaskCandidates:
+        """Fill small holes and drop small islands, then remove new duplicates by box NMS.
+
+        Masks that needed no change win over changed ones in the NMS; changed masks get
+        new RLEs and boxes.
+        """
+        if len(candidates) == 0:
+            return candidates
+        rles, boxes, unchanged = [], [], []
+        for rle in candidates.rles:
+            mask, filled = remove_small_regions(rle_to_mask(rle), min_area, "holes")
+            mask, trimmed = remove_small_regions(mask, min_area, "islands")
+            changed = filled or trimmed
+            mask_t = torch.from_numpy(mask)[None]
+            boxes.append(masks_to_boxes(mask_t)[0])
+            # Only changed masks need a new RLE.
+            rles.append(masks_to_rle(mask_t)[0] if changed else rle)
+            unchanged.append(not changed)
+        new_boxes = torch.stack(boxes)
+        keep = batched_nms(
+            new_boxes.float(),
+            torch.tensor(unchanged, dtype=torch.float32),
+            torch.zeros(len(new_boxes), dtype=torch.int64),
+            nms_thresh,
+        )
+        candidates = MaskCandidates(
+            rles=rles,
+            boxes=new_boxes.to(candidates.boxes.dtype),
+            iou_preds=candidates.iou_preds,
+            stability=candidates.stability,
+            points=candidates.points,
+            crop_boxes=candidates.crop_boxes,
+        )
+        return candidates.select(keep)
