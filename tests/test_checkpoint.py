@@ -78,7 +78,7 @@ def test_unreadable_checkpoint(tmp_path: Path, content: bytes, message: str) -> 
 
 
 def test_missing_checkpoint() -> None:
-    with pytest.raises(SeganyError, match="checkpoint not found: /no/such.pth"):
+    with pytest.raises(SeganyError, match=r"checkpoint not found: /no/such\.pth"):
         build_sam("vit_t", checkpoint="/no/such.pth")
 
 
