@@ -11,19 +11,26 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The demo needs PyTorch (extra "torch"); the tests also need ONNX export and runtime
+# (extras "export" and "onnx"), all in extra "all".
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[demo]'
+	$(BIN)/pip install -q -e '.[torch,demo]'
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[demo,test]'
+	$(BIN)/pip install -q -e '.[all,test]'
 	touch $@
+
+# The browser tests drive Debian's Chromium (a test tool's own browser download is not
+# possible everywhere); installing it needs root, as in CI.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 demo: $(STAMP)
 	$(BIN)/python -m segany.demo
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(CHROMIUM)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -72,7 +72,9 @@ def predictor_pair(request, shared_data: Path, tmp_path_factory):
         torch.save(reference.state_dict(), path)
         ours = sam_model_registry["vit_b"](checkpoint=path)
     image = _real_image(shared_data)
-    predictor, reference_predictor = SamPredictor(ours), _reference_predictor(reference)
+    # fp32: the official numbers (the default precision may be faster and approximate).
+    predictor = SamPredictor(ours, precision="fp32")
+    reference_predictor = _reference_predictor(reference)
     predictor.set_image(image)
     reference_predictor.set_image(image)
     return name, predictor, reference_predictor, image

@@ -1,18 +1,44 @@
-"""segany: Segment Anything in PyTorch.
+"""segany: Segment Anything in PyTorch, and with ONNX Runtime alone.
 
 >>> from segany import SamPredictor, sam_model_registry
 >>> predictor = SamPredictor(sam_model_registry["default"]())
+
+Names are imported on first use, so that ``import segany`` and
+``segany.OnnxSamPredictor`` work where PyTorch is not installed (``pip install
+segany[onnx]``); the PyTorch names need ``segany[torch]``.
 """
 
-from .automatic_mask_generator import SamAutomaticMaskGenerator
-from .build import MODEL_CONFIGS, SamConfig, build_sam, load_model, sam_model_registry
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import SeganyError
-from .predictor import SamPredictor
+
+if TYPE_CHECKING:
+    from .automatic_mask_generator import SamAutomaticMaskGenerator
+    from .build import MODEL_CONFIGS, SamConfig, build_sam, load_model, sam_model_registry
+    from .onnx_predictor import OnnxSamPredictor
+    from .predictor import SamPredictor
 
 __version__ = "0.1.0"
 
+# Public name -> the submodule that defines it.
+_LAZY = {
+    "MODEL_CONFIGS": ".build",
+    "OnnxSamPredictor": ".onnx_predictor",
+    "SamAutomaticMaskGenerator": ".automatic_mask_generator",
+    "SamConfig": ".build",
+    "SamPredictor": ".predictor",
+    "build_sam": ".build",
+    "load_model": ".build",
+    "sam_model_registry": ".build",
+}
+
+# Literal, so that linters and type checkers see the public names.
 __all__ = [
     "MODEL_CONFIGS",
+    "OnnxSamPredictor",
     "SamAutomaticMaskGenerator",
     "SamConfig",
     "SamPredictor",
@@ -22,3 +48,15 @@ __all__ = [
     "load_model",
     "sam_model_registry",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -10,14 +10,12 @@ once per crop.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segany.errors import SeganyError
 from segany.masks import (
@@ -37,6 +35,7 @@ from segany.masks import (
     stability_score,
 )
 from segany.modeling import Sam
+from segany.modeling.sam import upscale_logits
 from segany.predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -88,42 +87,6 @@ class MaskCandidates:
                 if f.name != "rles"
             },
         )
-
-
-def upscale_logits(
-    low_res: torch.Tensor,
-    model_size: int,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-) -> torch.Tensor:
-    """SAM's mask post-processing, bit for bit, without computing the padding.
-
-    SAM upscales (B, C, s, s) logits bilinearly to the padded (model_size, model_size) input,
-    crops the (h, w) = ``input_size`` image part and resizes that to ``original_size``. Each
-    bilinear output pixel depends only on its two nearest source rows/columns, so upscaling
-    just the source rows/columns the image part needs (plus one) by the same integer factor
-    gives exactly the same numbers for less work when the image is not square.
-
-    Returns:
-        (B, C, H, W) logits, H, W = ``original_size``.
-    """
-    side = low_res.shape[-1]
-    factor = model_size // side
-    if low_res.shape[-2] == side and factor * side == model_size:
-        rows = min(side, math.ceil(input_size[0] / factor) + 1)
-        cols = min(side, math.ceil(input_size[1] / factor) + 1)
-        padded = F.interpolate(
-            low_res[..., :rows, :cols],
-            (rows * factor, cols * factor),
-            mode="bilinear",
-            align_corners=False,
-        )
-    else:  # not SAM's layout: upscale everything
-        padded = F.interpolate(
-            low_res, (model_size, model_size), mode="bilinear", align_corners=False
-        )
-    image_part = padded[..., : input_size[0], : input_size[1]]
-    return F.interpolate(image_part, tuple(original_size), mode="bilinear", align_corners=False)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -261,6 +224,10 @@ class SamAutomaticMaskGenerator:
             pixels, then drop new duplicates.
         output_mode: ``binary_mask`` ((H, W) bool), ``uncompressed_rle`` or ``coco_rle``
             (pycocotools compressed RLE with str counts).
+        precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16``
+            (see :mod:`segany.precision`); ``fp32`` gives the official generator's masks.
+        compile: run the image encoder through ``torch.compile`` (see
+            :mod:`segany.compilation`).
     """
 
     def __init__(
@@ -279,6 +246,8 @@ class SamAutomaticMaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.point_grids = check_options(
             points_per_side=points_per_side,
@@ -295,7 +264,7 @@ class SamAutomaticMaskGenerator:
             min_mask_region_area=min_mask_region_area,
             output_mode=output_mode,
         )
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, precision=precision, compile=compile)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -445,14 +414,18 @@ class SamAutomaticMaskGenerator:
         # and undoing the shift (exact in float32) gives the model the same numbers.
         coords = ((coords + 0.5).float() - 0.5).to(self.predictor.device)[:, None, :]
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
-        sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        return self.model.mask_decoder(
-            image_embeddings=self.predictor.features,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
+        with self.predictor.precision.decoder():
+            sparse, dense = self.model.prompt_encoder(
+                points=(coords, labels), boxes=None, masks=None
+            )
+            low_res, iou_preds = self.model.mask_decoder(
+                image_embeddings=self.predictor.features,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+        return low_res.float(), iou_preds.float()
 
     def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
         """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""

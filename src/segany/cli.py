@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 from . import __version__
 from .commands import eval as eval_command
-from .commands import everything, segment, train, weights
+from .commands import everything, export, segment, serve, train, weights
 from .errors import SeganyError
 
-COMMANDS = (segment, everything, weights, train, eval_command)
+COMMANDS = (segment, everything, weights, train, eval_command, export, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,13 +107,17 @@ def sa1b_document(
     return {"image": image, "annotations": annotations}
 
 
-def coco_document(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def coco_document(
+    documents: Sequence[dict[str, Any]], categories: Sequence[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """COCO instances for several images, from their SA-1B documents (in that order).
 
     Images keep their ``image_id``; annotations are numbered from 1 across all images,
-    have the single category ``object`` (id 1), ``iscrowd`` 0, an RLE ``segmentation``,
-    pycocotools' ``area`` and ``bbox``, and ``score`` (the predicted IoU) plus the SAM
-    fields, so the file also serves as detection results.
+    have ``iscrowd`` 0, an RLE ``segmentation``, pycocotools' ``area`` and ``bbox``, and
+    ``score`` (the predicted IoU, when the annotation has one); every other field of the
+    input annotation (the SAM fields, ...) is copied. The category is the annotation's
+    ``category_id``, by default 1 (``object``); ``categories`` lists them (default: just
+    ``object``).
     """
     images, annotations = [], []
     for document in documents:
@@ -127,23 +131,21 @@ def coco_document(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
             }
         )
         for ann in document["annotations"]:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": info["image_id"],
-                    "category_id": COCO_CATEGORY["id"],
-                    "segmentation": ann["segmentation"],
-                    "area": ann["area"],
-                    "bbox": coco_bbox(ann["segmentation"]),
-                    "iscrowd": 0,
-                    "score": ann["predicted_iou"],
-                    "predicted_iou": ann["predicted_iou"],
-                    "stability_score": ann["stability_score"],
-                    "point_coords": ann["point_coords"],
-                    "crop_box": ann["crop_box"],
-                }
-            )
-    return {"images": images, "annotations": annotations, "categories": [dict(COCO_CATEGORY)]}
+            coco = {
+                "id": len(annotations) + 1,
+                "image_id": info["image_id"],
+                "category_id": ann.get("category_id", COCO_CATEGORY["id"]),
+                "segmentation": ann["segmentation"],
+                "area": ann["area"],
+                "bbox": coco_bbox(ann["segmentation"]),
+                "iscrowd": 0,
+            }
+            if "predicted_iou" in ann:
+                coco["score"] = ann["predicted_iou"]
+            coco.update((key, value) for key, value in ann.items() if key not in coco)
+            annotations.append(coco)
+    listed = [dict(c) for c in categories] if categories is not None else [dict(COCO_CATEGORY)]
+    return {"images": images, "annotations": annotations, "categories": listed}
 
 
 def write_json(path: PathLike, document: dict[str, Any]) -> Path:

@@ -319,6 +319,66 @@ def rle_to_coco(rle: UncompressedRLE) -> CocoRLE:
     return {"size": [int(s) for s in coco["size"]], "counts": coco["counts"].decode("ascii")}
 
 
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= least
+
+
+def check_rle(rle: Any) -> UncompressedRLE:
+    """``rle`` as a valid uncompressed RLE: positive ``size`` [h, w] and non-negative integer
+    ``counts`` that add up to h * w. Raises ValueError naming the problem.
+
+    pycocotools trusts the counts it is given (counts adding up to more than h * w write past
+    its buffer), so RLEs from outside (files, web requests) are checked here first.
+    """
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError('an RLE must be an object with "size" [height, width] and "counts"')
+    size, counts = rle["size"], rle["counts"]
+    if not isinstance(size, list | tuple) or len(size) != 2 or not all(_count(v, 1) for v in size):
+        raise ValueError(f"RLE size must be two positive integers [height, width], got {size}")
+    if not isinstance(counts, list | tuple) or not all(_count(v, 0) for v in counts):
+        raise ValueError("RLE counts must be non-negative integers")
+    if sum(counts) != size[0] * size[1]:
+        raise ValueError(
+            f"RLE counts add up to {sum(counts)} pixels, not {size[0]} x {size[1]} = "
+            f"{size[0] * size[1]}"
+        )
+    return {"size": [int(size[0]), int(size[1])], "counts": [int(v) for v in counts]}
+
+
+def coco_to_rle(rle: CocoRLE) -> UncompressedRLE:
+    """Uncompressed RLE of a compressed COCO RLE (``counts`` str or bytes), checked as
+    :func:`check_rle` does; the inverse of :func:`rle_to_coco`.
+
+    Each count is stored as 5-bit groups (``chr(48 + group)``, 0x20 = more groups follow,
+    0x10 in the last group = negative); counts after the second are differences to the
+    count two before, as pycocotools' ``rleToString`` writes them.
+    """
+    text = rle.get("counts") if isinstance(rle, dict) else None
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    if not isinstance(text, str):
+        raise ValueError("a compressed RLE needs a string of counts")
+    counts: list[int] = []
+    value = shift = 0
+    for char in text:
+        group = ord(char) - 48
+        if not 0 <= group < 64 or shift > 60:
+            raise ValueError(f"RLE counts string is malformed near {char!r}")
+        value |= (group & 0x1F) << shift
+        shift += 5
+        if group & 0x20:
+            continue
+        if group & 0x10:
+            value -= 1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+        value = shift = 0
+    if shift:
+        raise ValueError("RLE counts string ends in the middle of a number")
+    return check_rle({"size": rle.get("size"), "counts": counts})
+
+
 def _pycoco_rle(rle: CocoRLE) -> dict[str, Any]:
     """The compressed RLE with bytes ``counts``, as pycocotools' C functions want it."""
     counts = rle["counts"]

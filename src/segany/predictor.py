@@ -17,9 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .compilation import compiled
 from .errors import SeganyError
 from .modeling import Sam
 from .modeling.prompt_encoder import NOT_A_POINT
+from .precision import resolve_precision
 from .transforms import ResizeLongestSide
 
 ArrayLike = np.ndarray | Sequence[float] | Sequence[Sequence[float]]
@@ -116,10 +118,20 @@ def check_mask_input(
 
 
 class SamPredictor:
-    """Computes an image embedding once and predicts masks for prompts on it."""
+    """Computes an image embedding once and predicts masks for prompts on it.
 
-    def __init__(self, sam_model: Sam) -> None:
+    Args:
+        sam_model: the model (on the device to run on).
+        precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16``; see
+            :mod:`segany.precision`. ``fp32`` gives the official code's numbers.
+        compile: run the image encoder through ``torch.compile`` (slow first call; falls
+            back to eager mode with a warning where compilation fails).
+    """
+
+    def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool = False) -> None:
         self.model = sam_model
+        self.precision = resolve_precision(precision, sam_model.device)
+        self._encoder = compiled(sam_model.image_encoder) if compile else sam_model.image_encoder
         self.transform = ResizeLongestSide(sam_model.image_size)
         self.reset_image()
 
@@ -179,7 +191,7 @@ class SamPredictor:
                 f"set_torch_image input must be BCHW with long side {size}, got {shape}"
             )
         self.reset_image()
-        features = self.model.image_encoder(self.model.preprocess(transformed_image))
+        features = self.precision.encode(self._encoder, self.model.preprocess(transformed_image))
         self._store(features, [tuple(original_image_size)] * shape[0], [shape[2:]] * shape[0])
 
     def set_image_batch(
@@ -196,7 +208,7 @@ class SamPredictor:
                 batch = torch.cat(
                     [self.model.preprocess(x) for x in prepared[start : start + batch_size]]
                 )
-                chunks.append(self.model.image_encoder(batch))
+                chunks.append(self.precision.encode(self._encoder, batch))
         self._store(
             torch.cat(chunks),
             [tuple(image.shape[:2]) for image in images],
@@ -445,14 +457,18 @@ class SamPredictor:
         assert self.features is not None
         points = None if point_coords is None else (point_coords, point_labels)
         with torch.no_grad():
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-            low_res, scores = self.model.mask_decoder(
-                image_embeddings=self.features[image_index : image_index + 1],
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
+            with self.precision.decoder():
+                sparse, dense = self.model.prompt_encoder(
+                    points=points, boxes=boxes, masks=mask_input
+                )
+                low_res, scores = self.model.mask_decoder(
+                    image_embeddings=self.features[image_index : image_index + 1],
+                    image_pe=self.model.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask_output,
+                )
+            low_res, scores = low_res.float(), scores.float()
             masks = self.model.postprocess_masks(
                 low_res, self._input_sizes[image_index], self._original_sizes[image_index]
             )

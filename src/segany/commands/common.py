@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ..build import MODEL_CONFIGS, load_model
+from ..build import MODEL_CONFIGS, load_model, resolve_device
 from ..errors import SeganyError
 from ..modeling import Sam
+from ..precision import PRECISIONS, resolve_precision
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--checkpoint`` and ``--device``."""
+def add_model_arguments(
+    parser: argparse.ArgumentParser, device: bool = True, precision: bool = False
+) -> None:
+    """``--model``, ``--checkpoint``, (unless ``device`` is False) ``--device``, and for
+    commands that run the model (``precision``) ``--precision`` and ``--compile``; pass
+    the latter two on with :func:`inference_options`."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -23,11 +29,37 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="weights file (.pth, .pt or .safetensors); the model is read from it unless --model",
     )
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    if device:
+        group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    if precision:
+        group.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default="auto",
+            help="number format: fp32 (the official numbers), bf16 (CPUs with AVX512-BF16 or "
+            "AMX, recent GPUs), fp16 (CUDA); auto (default) picks bf16 where it is native, "
+            "else fp16 on CUDA and fp32 on CPU",
+        )
+        group.add_argument(
+            "--compile",
+            action="store_true",
+            help="compile the image encoder with torch.compile (slow first image; falls "
+            "back to normal mode with a warning where unsupported)",
+        )
 
 
 def model_from_args(args: argparse.Namespace) -> Sam:
     return load_model(args.model, args.checkpoint, args.device)
+
+
+def inference_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``precision`` and ``compile`` for SamPredictor / SamAutomaticMaskGenerator.
+
+    Checks the precision against the device first, so that a mode the device cannot run
+    fails before the model loads.
+    """
+    resolve_precision(args.precision, resolve_device(args.device))
+    return {"precision": args.precision, "compile": args.compile}
 
 
 def parse_numbers(text: str, option: str, counts: tuple[int, ...], form: str) -> list[float]:

@@ -13,7 +13,7 @@ from ..data.datasets import split_stems
 from ..errors import SeganyError
 from ..evaluate import BASELINES, CLICK_COUNTS, PROMPTS, evaluate, plot_click_curve
 from ..predictor import SamPredictor
-from .common import add_model_arguments, model_from_args
+from .common import add_model_arguments, inference_options, model_from_args
 
 SPLITS = ("val", "train", "all")
 
@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--plot", metavar="FILE.png", help="write mIoU against clicks as a PNG plot"
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, precision=True)
     parser.set_defaults(run=run)
 
 
@@ -128,6 +128,7 @@ def format_table(summary: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or ["clicks"]
     plot = _check_plot(args, prompts)
+    options = inference_options(args)
     data = Path(args.data)
     if not data.exists():
         raise SeganyError(f"--data {args.data} not found; give the folder with your data set")
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(data, format=args.format, split=split)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
-    predictor = SamPredictor(model_from_args(args))
+    predictor = SamPredictor(model_from_args(args), **options)
     result = evaluate(
         predictor, dataset, prompts, max_clicks=args.max_clicks, baseline=args.baseline
     )

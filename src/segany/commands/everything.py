@@ -38,7 +38,7 @@ from ..mask_formats import (
     write_json,
     write_overlay,
 )
-from .common import add_model_arguments, model_from_args
+from .common import add_model_arguments, inference_options, model_from_args
 
 FORMATS = ("sa1b", "coco", "png")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"}
@@ -101,7 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             metavar="N" if kind is int else "X",
             help=f"{text} (default: {default:.4g})",
         )
-    add_model_arguments(parser)
+    add_model_arguments(parser, precision=True)
     parser.set_defaults(run=run)
 
 
@@ -215,7 +215,7 @@ def _generator_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {name: getattr(args, name) for name in AMG_OPTIONS}
     options["output_mode"] = OUTPUT_MODE[args.format]
     check_options(**options)  # bad options fail before the model loads
-    return options
+    return {**options, **inference_options(args)}
 
 
 def _output_dir(path: str) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import SeganyError
 from ..images import overlay_masks, read_image, write_image, write_mask_png
 from ..predictor import SamPredictor, check_boxes, check_points
-from .common import add_model_arguments, model_from_args, parse_numbers
+from .common import add_model_arguments, inference_options, model_from_args, parse_numbers
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--overlay", metavar="PICTURE.png", help="also write the mask laid over the image"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_model_arguments(parser)
+    add_model_arguments(parser, precision=True)
     parser.set_defaults(run=run)
 
 
@@ -89,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
     output = _check_output(args.output, "-o")
     overlay = _check_output(args.overlay, "--overlay") if args.overlay else None
     image = read_image(args.image)
-    # Bad prompts fail before the model loads.
+    # Bad prompts and options fail before the model loads.
     check_points(coords, labels, image.shape[:2])
     check_boxes(box, image.shape[:2])
-    predictor = SamPredictor(model_from_args(args))
+    options = inference_options(args)
+    predictor = SamPredictor(model_from_args(args), **options)
     predictor.set_image(image)
     masks, scores, _ = predictor.predict(coords, labels, box, multimask_output=args.multimask)
     best = int(np.argmax(scores))

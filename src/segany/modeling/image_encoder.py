@@ -51,30 +51,81 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[index.long()]
 
 
-def decomposed_rel_pos_bias(
+# Upper bound on the bytes of relative-position bias materialised at once. Global blocks
+# attend over all (S/16)² tokens, so their full bias (heads x tokens² values) is a
+# gigabyte for ViT-H; it is built and consumed in chunks of query rows instead.
+ATTENTION_BIAS_BYTES = 64 * 2**20
+
+
+def decomposed_rel_pos_terms(
     q: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     q_size: tuple[int, int],
     k_size: tuple[int, int],
-) -> torch.Tensor:
-    """Additive attention bias of decomposed relative positions (MViTv2).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of MViTv2's decomposed relative-position bias.
+
+    The bias of query (y, x) towards key (ky, kx) is ``rel_h[..., (y, x), ky] +
+    rel_w[..., (y, x), kx]``; :func:`expand_rel_pos_bias` turns rows of them into the bias.
 
     Args:
-        q: (N, q_h * q_w, C) unscaled queries, N = batch * heads.
+        q: (..., q_h * q_w, C) unscaled queries (any strides).
         rel_pos_h, rel_pos_w: (L, C) tables for the height and width axes.
 
     Returns:
-        (N, q_h * q_w, k_h * k_w) bias to add to the attention logits.
+        rel_h (..., q_h * q_w, k_h) and rel_w (..., q_h * q_w, k_w), contiguous.
     """
     (q_h, q_w), (k_h, k_w) = q_size, k_size
     table_h = relative_position_table(q_h, k_h, rel_pos_h).to(q.dtype)
     table_w = relative_position_table(q_w, k_w, rel_pos_w).to(q.dtype)
-    q = q.reshape(q.shape[0], q_h, q_w, q.shape[-1])
-    bias_h = torch.einsum("nhwc,hkc->nhwk", q, table_h)
-    bias_w = torch.einsum("nhwc,wkc->nhwk", q, table_w)
-    bias = bias_h[..., :, None] + bias_w[..., None, :]
-    return bias.reshape(q.shape[0], q_h * q_w, k_h * k_w)
+    grid = q.unflatten(-2, (q_h, q_w))
+    rel_h = torch.einsum("...hwc,hkc->...hwk", grid, table_h)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", grid, table_w)
+    return rel_h.flatten(-3, -2).contiguous(), rel_w.flatten(-3, -2).contiguous()
+
+
+def expand_rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """Attention bias (..., Q, k_h * k_w) from rel_h (..., Q, k_h) and rel_w (..., Q, k_w)."""
+    bias = rel_h.new_empty((*rel_h.shape, rel_w.shape[-1]))
+    # Written straight into a contiguous buffer, so flattening the key axes is a view.
+    torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias)
+    return bias.flatten(-2)
+
+
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+    max_bias_bytes: int = ATTENTION_BIAS_BYTES,
+) -> torch.Tensor:
+    """Softmax attention plus a decomposed relative-position bias, in chunks of query rows.
+
+    Args:
+        q, k, v: (B, heads, H * W, C) queries, keys and values (any strides).
+        rel_pos_h, rel_pos_w: (L, C) relative-position tables.
+        size: (H, W) of the token grid (queries and keys alike).
+        max_bias_bytes: bias bytes allowed at once; query rows go through
+            ``scaled_dot_product_attention`` in chunks whose bias fits (one row at least).
+
+    Returns:
+        (B, heads, H * W, C): softmax(q k^T / sqrt(C) + bias) v.
+    """
+    rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, size, size)
+    batch, heads, tokens, _ = q.shape
+    rows = max(1, max_bias_bytes // (batch * heads * tokens * q.element_size()))
+    if rows >= tokens:
+        bias = expand_rel_pos_bias(rel_h, rel_w)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = q.new_empty((batch, heads, tokens, v.shape[-1]))
+    for start in range(0, tokens, rows):
+        part = slice(start, start + rows)
+        bias = expand_rel_pos_bias(rel_h[:, :, part], rel_w[:, :, part])
+        out[:, :, part] = F.scaled_dot_product_attention(q[:, :, part], k, v, attn_mask=bias)
+    return out
 
 
 class Attention(nn.Module):
@@ -94,6 +145,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
+        self.max_bias_bytes = ATTENTION_BIAS_BYTES
         if use_rel_pos:
             if input_size is None:
                 raise ValueError("input_size is required with relative positions")
@@ -101,20 +153,17 @@ class Attention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, dim = x.shape
         tokens = height * width
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, tokens, head_dim)
-        bias = None
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, tokens, head_dim), strided views
         if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(
-                q.reshape(batch * self.num_heads, tokens, -1),
-                self.rel_pos_h,
-                self.rel_pos_w,
-                (height, width),
-                (height, width),
-            ).reshape(batch, self.num_heads, tokens, tokens)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = rel_pos_attention(
+                q, k, v, self.rel_pos_h, self.rel_pos_w, (height, width), self.max_bias_bytes
+            )
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, height, width, dim)
         return self.proj(out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -99,13 +100,48 @@ class Sam(nn.Module):
 
         ``input_size`` is the (H, W) of the resized image before padding.
         """
-        size = self.image_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        return upscale_logits(
+            masks, self.image_size, (int(input_size[0]), int(input_size[1])), original_size
+        )
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise (…, 3, H, W) pixel values and pad bottom/right to ``image_size``."""
         x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+
+def upscale_logits(
+    low_res: torch.Tensor,
+    model_size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> torch.Tensor:
+    """SAM's mask post-processing, bit for bit, without computing the padding.
+
+    SAM upscales (B, C, s, s) logits bilinearly to the padded (model_size, model_size) input,
+    crops the (h, w) = ``input_size`` image part and resizes that to ``original_size``. Each
+    bilinear output pixel depends only on its two nearest source rows/columns, so upscaling
+    just the source rows/columns the image part needs (plus one) by the same integer factor
+    gives exactly the same numbers for less work when the image is not square.
+
+    Returns:
+        (B, C, H, W) logits, H, W = ``original_size``.
+    """
+    side = low_res.shape[-1]
+    factor = model_size // side
+    if low_res.shape[-2] == side and factor * side == model_size:
+        rows = min(side, math.ceil(input_size[0] / factor) + 1)
+        cols = min(side, math.ceil(input_size[1] / factor) + 1)
+        padded = F.interpolate(
+            low_res[..., :rows, :cols],
+            (rows * factor, cols * factor),
+            mode="bilinear",
+            align_corners=False,
+        )
+    else:  # not SAM's layout: upscale everything
+        padded = F.interpolate(
+            low_res, (model_size, model_size), mode="bilinear", align_corners=False
+        )
+    image_part = padded[..., : input_size[0], : input_size[1]]
+    return F.interpolate(image_part, tuple(original_size), mode="bilinear", align_corners=False)

@@ -1,4 +1,12 @@
-"""SAM's two-way transformer: prompt tokens and image embedding attend to each other."""
+"""SAM's two-way transformer: prompt tokens and image embedding attend to each other.
+
+Image-side tensors may have batch 1 while the tokens have batch B: one image embedding
+(plus the no-mask dense prompt) shared by B prompt sets, as in the automatic mask
+generator. The cross attentions then project the shared image side once instead of B
+times. When B x heads x tokens is small against the inner dimension, as for one prompt
+set, they instead fold the image-side projections into the token side (exact algebra,
+see :class:`Attention`), which skips projecting the 4096 image tokens at all.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,22 @@ from .common import MLPBlock
 
 
 class Attention(nn.Module):
-    """Multi-head attention with an optional down-projection of the inner dimension."""
+    """Multi-head attention with an optional down-projection of the inner dimension.
+
+    Besides the plain :meth:`forward`, :meth:`token_to_image` and :meth:`image_to_token`
+    compute the same function for SAM's two cross attentions, choosing by a count of
+    multiply-adds between two exact forms. With ``W_h`` the rows of a projection that
+    make head h and ``s`` the softmax scale:
+
+    * a score ``s (W_q,h a + b_q,h) . (W_k,h x + b_k,h)`` equals
+      ``(s W_k,h^T (W_q,h a + b_q,h)) . x`` plus a term constant over x, so projecting the
+      few token-side vectors back to the model width replaces projecting every image token
+      (the constant drops out of a softmax over image tokens, and is kept otherwise);
+    * an output ``W_o (sum_j p_j (W_v x_j + b_v))`` with ``sum_j p_j = 1`` per head
+      equals ``sum_h W_o,h W_v,h (sum_j p_h,j x_j) + W_o b_v``, and for image queries over
+      token values ``sum_h sum_t p_h,t (W_o,h v_h,t)``: one product with pre-projected
+      token values instead of an inner-width output projection per image token.
+    """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
@@ -23,10 +46,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        # None: fold image-side projections when that is cheaper; True/False forces it.
+        self.fold_projections: bool | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.internal_dim // self.num_heads
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, inner) -> (B, heads, N, head_dim)."""
         batch, tokens, dim = x.shape
         return x.reshape(batch, tokens, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) -> (B, N, inner)."""
+        batch, heads, tokens, head_dim = x.shape
+        return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+    def _head_weight(self, linear: nn.Linear) -> torch.Tensor:
+        """A projection's weight per head: (heads, head_dim, embedding_dim)."""
+        return linear.weight.view(self.num_heads, self.head_dim, self.embedding_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, C) -> (B, Nq, C)."""
@@ -34,9 +73,150 @@ class Attention(nn.Module):
         k = self._split_heads(self.k_proj(k))
         v = self._split_heads(self.v_proj(v))
         out = F.scaled_dot_product_attention(q, k, v)
-        batch, heads, tokens, head_dim = out.shape
-        out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-        return self.out_proj(out)
+        return self.out_proj(self._merge_heads(out))
+
+    # -- cost model: multiply-adds per image token of each exact form -------------------
+
+    def _fold_image_projection(self, batch: int, image_batch: int, tokens: int) -> bool:
+        """Whether folding one image-side projection into the token side is cheaper."""
+        if self.fold_projections is not None:
+            return self.fold_projections
+        head_tokens = self.num_heads * tokens
+        projected = image_batch * self.embedding_dim * self.internal_dim
+        projected += batch * head_tokens * self.head_dim
+        return batch * head_tokens * self.embedding_dim < projected
+
+    def _fold_output_projection(self, tokens: int) -> bool:
+        """Whether image-query outputs are cheaper from pre-projected token values."""
+        if self.fold_projections is not None:
+            return self.fold_projections
+        head_tokens = self.num_heads * tokens
+        plain = head_tokens * self.head_dim + self.internal_dim * self.embedding_dim
+        return head_tokens * self.embedding_dim < plain
+
+    # -- token-to-image ----------------------------------------------------------------
+
+    def token_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Tokens attending to the image: :meth:`forward` with a shareable image side.
+
+        Args:
+            q: (B, T, C) tokens.
+            k, v: (1 or B, N, C) image keys and values; batch 1 is shared by the B token sets.
+
+        Returns:
+            (B, T, C).
+        """
+        batch, tokens, _ = q.shape
+        q = self._split_heads(self.q_proj(q))  # (B, heads, T, head_dim)
+        if self._fold_image_projection(batch, k.shape[0], tokens):
+            out = self._token_to_image_folded(q, k, v)
+        else:
+            k, v = self._split_heads(self.k_proj(k)), self._split_heads(self.v_proj(v))
+            out = _attend_rows(q, k, v)
+        return self.out_proj(self._merge_heads(out))
+
+    def _token_to_image_folded(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-head outputs (B, heads, T, head_dim) of projected queries (B, heads, T, d)
+        over unprojected image keys and values (1 or B, N, C)."""
+        batch, heads, tokens, head_dim = q.shape
+        # Queries mapped back to the model width; q . b_k is constant over the image tokens
+        # and drops out of the softmax.
+        wide_q = torch.einsum("bhtd,hdc->bhtc", q, self._head_weight(self.k_proj))
+        wide_q = (wide_q * head_dim**-0.5).flatten(1, 2)  # (B, heads * T, C)
+        probs = _batched_product(wide_q, k.mT).softmax(dim=-1)  # (B, heads * T, N)
+        mixed = _batched_product(probs, v).view(batch, heads, tokens, -1)
+        out = torch.einsum("bhtc,hdc->bhtd", mixed, self._head_weight(self.v_proj))
+        return out + self.v_proj.bias.view(heads, 1, head_dim)
+
+    # -- image-to-token ----------------------------------------------------------------
+
+    def image_to_token(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """The image attending to the tokens, plus a residual: ``residual + forward(q, k, v)``.
+
+        Args:
+            q: (1 or B, N, C) image queries; batch 1 is shared by the B token sets.
+            k, v: (B, T, C) tokens.
+            residual: (1 or B, N, C) added to the output.
+
+        Returns:
+            (B, N, C).
+        """
+        batch, tokens, _ = k.shape
+        k = self._split_heads(self.k_proj(k))  # (B, heads, T, head_dim)
+        v = self._split_heads(self.v_proj(v))
+        if self._fold_image_projection(batch, q.shape[0], tokens):
+            scores = self._image_query_scores_folded(q, k)
+        else:
+            scores = self._image_query_scores(self._split_heads(self.q_proj(q)), k)
+        # Softmax over the T tokens of each head, a middle axis: N stays the fast one.
+        probs = scores.softmax(dim=2)  # (B, heads, T, N)
+        if self._fold_output_projection(tokens):
+            # Token values through their head's slice of the output projection; the rows of
+            # each head's softmax sum to 1, so the bias is shared out over the heads.
+            out_weight = self.out_proj.weight.view(self.embedding_dim, self.num_heads, -1)
+            values = torch.einsum("bhtd,chd->bhtc", v, out_weight)
+            values = (values + self.out_proj.bias / self.num_heads).flatten(1, 2)
+            return _add_product(residual, probs.reshape(batch, -1, probs.shape[-1]).mT, values)
+        return residual + self.out_proj(self._merge_heads(probs.transpose(-1, -2) @ v))
+
+    def _image_query_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Scaled scores (B, heads, T, N) of projected tokens (B, heads, T, d) against
+        projected image queries (1 or B, heads, N, d)."""
+        batch, heads, tokens, head_dim = k.shape
+        k = k * head_dim**-0.5
+        if q.shape[0] == 1 and batch > 1:
+            # One product per head against all B x T tokens at once.
+            stacked = k.transpose(0, 1).reshape(heads, batch * tokens, head_dim)
+            scores = (stacked @ q[0].mT).view(heads, batch, tokens, -1)
+            return scores.transpose(0, 1)
+        return k @ q.mT
+
+    def _image_query_scores_folded(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """:meth:`_image_query_scores` for unprojected image queries (1 or B, N, C), the
+        query projection moved to the tokens."""
+        batch, heads, tokens, head_dim = k.shape
+        scale = head_dim**-0.5
+        wide_k = torch.einsum("bhtd,hdc->bhtc", k, self._head_weight(self.q_proj)) * scale
+        # b_q . k varies with the token, so it stays, as a bias.
+        bias = torch.einsum("bhtd,hd->bht", k, self.q_proj.bias.view(heads, head_dim)) * scale
+        scores = _batched_product(wide_k.flatten(1, 2), q.mT).view(batch, heads, tokens, -1)
+        return scores + bias.unsqueeze(-1)
+
+
+def _batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, M, K) @ b (1 or B, K, P) -> (B, M, P); a shared b is one large product."""
+    if b.shape[0] == 1 and a.shape[0] > 1:
+        return (a.flatten(0, 1) @ b[0]).view(a.shape[0], a.shape[1], -1)
+    return a @ b
+
+
+def _add_product(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """base + a @ b for (1 or B, M, P) base and (B, M, K) @ (B, K, P), in one pass.
+
+    Under autocast the fused form would round ``base`` to the lower precision; adding
+    separately keeps the residual stream in its own dtype, as the official code does.
+    """
+    if torch.is_autocast_enabled(base.device.type):
+        return base + a @ b
+    return torch.baddbmm(base, a, b)
+
+
+def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of (B, h, T, d) queries over (1 or B, h, N, d) keys and values.
+
+    Rows of a softmax are independent, so with batch-1 keys the B query sets are stacked
+    into one batch of B x T rows instead of copying the keys B times.
+    """
+    batch, heads, tokens, dim = q.shape
+    if k.shape[0] == 1 and batch > 1:
+        stacked = q.transpose(0, 1).reshape(1, heads, batch * tokens, dim)
+        out = F.scaled_dot_product_attention(stacked, k, v)
+        return out.reshape(heads, batch, tokens, -1).transpose(0, 1)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -73,6 +253,10 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries, query_pe: (B, T, C); keys: (1 or B, N, C); key_pe: (1, N, C).
+
+        Returns queries (B, T, C) and keys (B, N, C).
+        """
         if self.skip_first_layer_pe:
             # The first layer replaces the tokens: they already are positional encodings.
             queries = self.self_attn(q=queries, k=queries, v=queries)
@@ -83,11 +267,14 @@ class TwoWayAttentionBlock(nn.Module):
 
         keys_with_pe = keys + key_pe
         q = queries + query_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=keys_with_pe, v=keys))
+        attn = self.cross_attn_token_to_image.token_to_image(q=q, k=keys_with_pe, v=keys)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = keys + self.cross_attn_image_to_token(q=keys_with_pe, k=q, v=queries)
+        keys = self.cross_attn_image_to_token.image_to_token(
+            q=keys_with_pe, k=q, v=queries, residual=keys
+        )
         return queries, self.norm4(keys)
 
 
@@ -140,21 +327,24 @@ class TwoWayTransformer(nn.Module):
         """Run the decoder transformer.
 
         Args:
-            image_embedding: (B, C, h, w) image embedding (plus dense prompt).
-            image_pe: (1 or B, C, h, w) positional encoding of the grid.
+            image_embedding: (1 or B, C, h, w) image embedding (plus dense prompt); batch 1
+                is shared by all B token sets.
+            image_pe: (1, C, h, w) positional encoding of the grid.
             point_embedding: (B, N, C) output and prompt tokens.
 
         Returns:
             Processed tokens (B, N, C) and image features (B, h * w, C).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(
                 queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe
             )
-        attn_out = self.final_attn_token_to_image(
+        attn_out = self.final_attn_token_to_image.token_to_image(
             q=queries + point_embedding, k=keys + key_pe, v=keys
         )
+        if keys.shape[0] != queries.shape[0]:  # depth 0: the image side is still shared
+            keys = keys.expand(queries.shape[0], -1, -1)
         return self.norm_final_attn(queries + attn_out), keys

@@ -1,0 +1,143 @@
+"""``segany serve``: the annotation web app over a folder of images."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import SeganyError
+from .common import add_model_arguments, model_from_args
+
+if TYPE_CHECKING:
+    from ..serve import ServeSettings
+
+TOKEN_ENV = "SEGANY_TOKEN"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="web app to annotate images with clicks, boxes and automatic masks",
+        description="Serve a web page where you segment the images of IMAGES_DIR (and uploaded "
+        "ones) with clicks and boxes, name the objects and export them as COCO JSON or PNG "
+        "masks. Everything is saved as you go in the project folder.",
+        epilog=f"A token can also come from ${TOKEN_ENV}; then open the printed link "
+        "(/?token=...) or send 'Authorization: Bearer TOKEN'.",
+    )
+    parser.add_argument(
+        "images_dir",
+        nargs="?",
+        metavar="IMAGES_DIR",
+        help="folder of images, read recursively (images are never changed); without it, "
+        "work with uploaded images",
+    )
+    parser.add_argument(
+        "--project",
+        metavar="DIR",
+        help="project folder: annotations (project.sqlite), uploads, cached embeddings, "
+        "exports (default: IMAGES_DIR/.segany, or ./.segany)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, reachable from this machine only)",
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument(
+        "--token", help=f"require this token on every API call (or set ${TOKEN_ENV})"
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=50.0,
+        metavar="MB",
+        help="largest upload in MB (default: 50)",
+    )
+    parser.add_argument(
+        "--cache-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="image embeddings kept in memory (default: 16)",
+    )
+    parser.add_argument(
+        "--no-disk-cache",
+        action="store_true",
+        help="do not keep embeddings in the project folder (they are recomputed after a restart)",
+    )
+    add_model_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _settings(args: argparse.Namespace) -> ServeSettings:
+    from ..serve import ServeSettings
+
+    images_dir = None
+    if args.images_dir is not None:
+        images_dir = Path(args.images_dir).resolve()
+        if not images_dir.is_dir():
+            raise SeganyError(f"IMAGES_DIR {args.images_dir!r} is not a folder")
+    project = Path(args.project) if args.project else (images_dir or Path.cwd()) / ".segany"
+    if project.exists() and not project.is_dir():
+        raise SeganyError(f"--project {str(project)!r} is a file; give a folder")
+    if not 0 < args.port < 65536:
+        raise SeganyError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_upload_mb <= 0:
+        raise SeganyError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    return ServeSettings(
+        images_dir=images_dir,
+        project_dir=project.resolve(),
+        token=token,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        cache_size=args.cache_size,
+        disk_cache=not args.no_disk_cache,
+        # On loopback only local names are valid Host headers: this stops web pages
+        # from reaching the server through DNS rebinding.
+        allowed_hosts=("127.0.0.1", "localhost", "[::1]") if is_loopback(args.host) else None,
+        model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "default"),
+    )
+
+
+def _url(host: str, port: int, token: str | None) -> str:
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``segany serve`` until interrupted."""
+    try:
+        import uvicorn
+
+        from ..serve import create_app
+    except ImportError as error:
+        raise SeganyError(
+            f"segany serve needs the serve extra ({error.name} is missing): "
+            "pip install 'segany[serve]'"
+        ) from None
+    settings = _settings(args)
+    if not is_loopback(args.host) and settings.token is None:
+        print(
+            f"segany serve: warning: listening on {args.host} without a token: anyone who "
+            f"can reach it can read and change the annotations; use --token or ${TOKEN_ENV}"
+        )
+    app = create_app(model_from_args(args), settings)
+    print(f"segany serve: open {_url(args.host, args.port, settings.token)}")
+    print(f"  images: {settings.images_dir or '(uploads only)'}; project: {settings.project_dir}")
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
+    return 0

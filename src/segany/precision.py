@@ -1,0 +1,128 @@
+"""Inference precision: the one place that decides which dtype each part of SAM runs in.
+
+Modes (``precision=`` on :class:`~segany.SamPredictor` and
+:class:`~segany.SamAutomaticMaskGenerator`, ``--precision`` on the command line):
+
+``fp32``
+    Everything in float32: the official code's numbers (parity within 1e-4).
+``bf16``
+    The image encoder under bfloat16 autocast: matrix products in bfloat16, while the
+    residual stream, layer norms and softmax stay float32 (autocast keeps a float32 input's
+    dtype through additions and norms). On CPU the mask decoder stays float32: it is small,
+    and bfloat16 gains little there while costing mask accuracy; on CUDA it runs in
+    bfloat16 too. Fast on CPUs with AVX512-BF16 or AMX and on Ampere or newer GPUs.
+``fp16``
+    CUDA only: encoder and decoder under float16 autocast. SAM ViT-H can overflow
+    float16 in its largest activations, so an embedding that comes out non-finite is
+    recomputed in bfloat16 (or float32 where bfloat16 is not supported), with a warning.
+``auto`` (default)
+    CUDA: ``bf16`` where supported, else ``fp16``. CPU: ``bf16`` when the CPU has native
+    bfloat16 arithmetic (AVX512-BF16 or AMX), else ``fp32``.
+
+Outputs (masks, scores, logits, embeddings returned to the user) are always float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SeganyError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def default_precision(device: torch.device) -> str:
+    """What ``auto`` means on ``device`` (see the module documentation)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision mode for one device.
+
+    Attributes:
+        name: ``fp32``, ``bf16`` or ``fp16``.
+        device_type: ``cpu`` or ``cuda``.
+        encoder_dtype: autocast dtype of the image encoder (None: float32).
+        decoder_dtype: autocast dtype of the prompt encoder and mask decoder (None: float32).
+    """
+
+    name: str
+    device_type: str
+    encoder_dtype: torch.dtype | None
+    decoder_dtype: torch.dtype | None
+
+    def _autocast(self, dtype: torch.dtype | None) -> torch.autocast:
+        # No weight-cast cache: it would keep a bfloat16 copy of every weight for as long
+        # as the context lasts (1.3 GB for ViT-H).
+        return torch.autocast(
+            self.device_type, dtype=dtype, enabled=dtype is not None, cache_enabled=False
+        )
+
+    def decoder(self) -> torch.autocast:
+        """Context manager for prompt encoding and mask decoding."""
+        return self._autocast(self.decoder_dtype)
+
+    def encode(
+        self, encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+    ) -> torch.Tensor:
+        """Run ``encoder`` on (B, 3, S, S) ``images``; returns a float32 embedding.
+
+        Under ``fp16`` a non-finite result (overflow) is recomputed in the fallback dtype.
+        """
+        with self._autocast(self.encoder_dtype):
+            features = encoder(images)
+        if self.encoder_dtype == torch.float16 and not torch.isfinite(features).all():
+            fallback = torch.bfloat16 if _bf16_supported(self.device_type) else None
+            warnings.warn(
+                "the image embedding overflowed float16; recomputing it in "
+                f"{'bfloat16' if fallback else 'float32'}",
+                stacklevel=3,
+            )
+            with self._autocast(fallback):
+                features = encoder(images)
+        return features.float()
+
+
+def _bf16_supported(device_type: str) -> bool:
+    return torch.cuda.is_bf16_supported() if device_type == "cuda" else True
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> Precision:
+    """A :class:`Precision` for the name ``precision`` (None means ``auto``) on ``device``.
+
+    Raises SeganyError for an unknown name or a mode the device cannot run.
+    """
+    name = "auto" if precision is None else precision
+    if name not in PRECISIONS:
+        raise SeganyError(f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}")
+    if name == "auto":
+        name = default_precision(device)
+    if name == "fp16" and device.type != "cuda":
+        raise SeganyError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SeganyError("this GPU has no bfloat16 support; use precision fp16 or fp32")
+    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 is emulated and "
+            "likely slower than fp32",
+            stacklevel=2,
+        )
+    dtype = _DTYPES[name]
+    # On CPU the small mask decoder gains little from bfloat16 (measured, see
+    # benchmarks/bench_speed.py) and keeps float32 masks; on CUDA it follows the encoder.
+    decoder_dtype = dtype if device.type == "cuda" else None
+    return Precision(name, device.type, dtype, decoder_dtype)

@@ -1,0 +1,381 @@
+"""Correctness of the fast inference paths, against the official package in float32.
+
+Speed itself is measured by benchmarks/bench_speed.py, never here. These tests check that
+the paths taken for speed compute the same function: bfloat16 within error bounds, the
+folded and batch-shared decoder attention and the chunked encoder attention to float32
+rounding, the optional compilation, and the precision options of the command line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from reference import build_mobile_sam, make_model_pair, randomize_
+
+from segany import SamAutomaticMaskGenerator, SamPredictor, SeganyError
+from segany import predictor as predictor_module
+from segany.cli import main
+from segany.commands import eval as eval_command
+from segany.commands import everything, segment
+from segany.modeling import image_encoder
+from segany.modeling.transformer import Attention
+from segany.precision import cpu_has_native_bf16, resolve_precision
+
+ATOL = 1e-4
+CPU = torch.device("cpu")
+
+
+def _real_image(shared_data: Path) -> np.ndarray:
+    path = sorted((shared_data / "coco-mval" / "images").glob("*.jpg"))[0]
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _official_predictor(reference: torch.nn.Module):
+    if type(reference).__module__.startswith("mobile_sam"):
+        from mobile_sam import SamPredictor as ReferencePredictor
+    else:
+        from segment_anything import SamPredictor as ReferencePredictor
+    return ReferencePredictor(reference)
+
+
+def _relative_error(ours: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> float:
+    ours, reference = torch.as_tensor(ours).double(), torch.as_tensor(reference).double()
+    return float((ours - reference).norm() / reference.norm())
+
+
+def _decided_iou(logits: np.ndarray, reference: np.ndarray, margin: float = 0.5) -> float:
+    """IoU of the masks where the reference logit is clearly decided (|logit| > margin)."""
+    decided = np.abs(reference) > margin
+    ours, theirs = (logits > 0) & decided, (reference > 0) & decided
+    union = (ours | theirs).sum()
+    return float((ours & theirs).sum() / union) if union else 1.0
+
+
+# -------------------------------------------------------------------------------------
+# Precision modes
+# -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["tiny", "vit_t"])
+def bf16_pair(request, shared_data: Path):
+    """(official fp32 predictor, segany bf16 predictor) on the same real image."""
+    ours, reference = make_model_pair(request.param, seed=4)
+    image = _real_image(shared_data)
+    official, fast = _official_predictor(reference), SamPredictor(ours, precision="bf16")
+    official.set_image(image)
+    fast.set_image(image)
+    return official, fast, image
+
+
+def test_bf16_embedding_close_to_official_fp32(bf16_pair) -> None:
+    official, fast, _ = bf16_pair
+    embedding = fast.get_image_embedding()
+    assert embedding.dtype == torch.float32
+    error = _relative_error(embedding, official.get_image_embedding())
+    assert 1e-5 < error < 0.02  # really bfloat16 (not float32), and close
+
+
+def test_bf16_masks_close_to_official_fp32(bf16_pair) -> None:
+    official, fast, image = bf16_pair
+    height, width = image.shape[:2]
+    prompts = [
+        {"point_coords": np.array([[0.4 * width, 0.5 * height]]), "point_labels": np.array([1])},
+        {"box": np.array([0.2 * width, 0.1 * height, 0.7 * width, 0.9 * height])},
+    ]
+    for prompt in prompts:
+        logits, scores, low_res = fast.predict(**prompt, return_logits=True)
+        ref_logits, ref_scores, ref_low_res = official.predict(**prompt, return_logits=True)
+        assert logits.dtype == scores.dtype == low_res.dtype == np.float32
+        assert _relative_error(low_res, ref_low_res) < 0.05
+        np.testing.assert_allclose(scores, ref_scores, atol=0.02)
+        assert _decided_iou(logits, ref_logits) > 0.97
+
+
+def test_precision_names_and_devices() -> None:
+    assert resolve_precision("fp32", CPU).encoder_dtype is None
+    assert resolve_precision("bf16", CPU).encoder_dtype == torch.bfloat16
+    # The CPU decoder stays float32 in every mode.
+    assert resolve_precision("bf16", CPU).decoder_dtype is None
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert resolve_precision("auto", CPU).name == resolve_precision(None, CPU).name == expected
+    model, _ = make_model_pair("tiny")
+    with pytest.raises(SeganyError, match="fp16 needs a CUDA device"):
+        SamPredictor(model, precision="fp16")
+    with pytest.raises(SeganyError, match="unknown precision 'fp64'"):
+        SamAutomaticMaskGenerator(model, precision="fp64")
+
+
+def test_fp16_overflow_falls_back() -> None:
+    """An fp16 embedding with inf is recomputed in the fallback precision, with a warning."""
+    precision = resolve_precision("bf16", CPU)
+    fp16 = type(precision)("fp16", "cpu", torch.float16, None)
+    calls: list[torch.dtype] = []
+
+    def encoder(x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        calls.append(dtype)
+        return torch.full((1, 2), float("inf") if dtype == torch.float16 else 1.0)
+
+    with pytest.warns(UserWarning, match="overflowed float16"):
+        out = fp16.encode(encoder, torch.zeros(1, 3, 4, 4))
+    assert calls == [torch.float16, torch.bfloat16]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# -------------------------------------------------------------------------------------
+# Mask decoder: shared image side, folded projections, upscaling as products
+# -------------------------------------------------------------------------------------
+
+
+def _set_folding(model: torch.nn.Module, fold: bool | None) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fold_projections = fold
+
+
+@pytest.fixture(scope="module")
+def decoder_pair():
+    return make_model_pair("tiny", seed=6)
+
+
+@pytest.mark.parametrize("fold", [None, True, False], ids=["cost-model", "folded", "plain"])
+@pytest.mark.parametrize("prompt", ["points", "boxes", "mask"])
+def test_batched_decoder_equals_official_per_prompt(
+    decoder_pair, fold: bool | None, prompt: str
+) -> None:
+    """B prompt sets on one embedding in one call (the generator's batch) equal the official
+    decoder on each set alone, whichever form the attention takes."""
+    ours, official = decoder_pair
+    _set_folding(ours, fold)
+    g = torch.Generator().manual_seed(0)
+    batch = 6
+    embedding = torch.randn((1, 256, 64, 64), generator=g)
+    points = (torch.rand((batch, 2, 2), generator=g) * 1024, torch.ones(batch, 2, dtype=torch.int))
+    boxes = torch.sort(torch.rand((batch, 2, 2), generator=g) * 1024, dim=1).values.flatten(1)
+    masks = torch.randn((batch, 1, 256, 256), generator=g)
+    inputs = {
+        "points": {"points": points, "boxes": None, "masks": None},
+        "boxes": {"points": None, "boxes": boxes, "masks": None},
+        "mask": {"points": points, "boxes": None, "masks": masks},
+    }[prompt]
+    with torch.no_grad():
+        sparse, dense = ours.prompt_encoder(**inputs)
+        pe = ours.prompt_encoder.get_dense_pe()
+        got_masks, got_iou = ours.mask_decoder(embedding, pe, sparse, dense, True)
+        for row in range(batch):
+            one = {k: None if v is None else _row(v, row) for k, v in inputs.items()}
+            ref_sparse, ref_dense = official.prompt_encoder(**one)
+            ref_masks, ref_iou = official.mask_decoder(embedding, pe, ref_sparse, ref_dense, True)
+            torch.testing.assert_close(got_masks[row : row + 1], ref_masks, atol=ATOL, rtol=0)
+            torch.testing.assert_close(got_iou[row : row + 1], ref_iou, atol=ATOL, rtol=0)
+
+
+def _row(value, row: int):
+    if isinstance(value, tuple):
+        return tuple(v[row : row + 1] for v in value)
+    return value[row : row + 1]
+
+
+def test_per_set_embeddings_equal_official(decoder_pair) -> None:
+    """One embedding per prompt set (Sam.forward's layout) through both forms."""
+    ours, official = decoder_pair
+    g = torch.Generator().manual_seed(1)
+    embeddings = torch.randn((3, 256, 64, 64), generator=g)
+    points = (torch.rand((3, 4, 2), generator=g) * 1024, torch.ones(3, 4, dtype=torch.int))
+    with torch.no_grad():
+        sparse, dense = ours.prompt_encoder(points=points, boxes=None, masks=None)
+        pe = ours.prompt_encoder.get_dense_pe()
+        expected = [
+            official.mask_decoder(embeddings[i : i + 1], pe, sparse[i : i + 1], dense[:1], False)
+            for i in range(3)
+        ]
+        expected_masks = torch.cat([e[0] for e in expected])
+        expected_iou = torch.cat([e[1] for e in expected])
+        for fold in (True, False):
+            _set_folding(ours, fold)
+            got_masks, got_iou = ours.mask_decoder(embeddings, pe, sparse, dense, False)
+            torch.testing.assert_close(got_masks, expected_masks, atol=ATOL, rtol=0)
+            torch.testing.assert_close(got_iou, expected_iou, atol=ATOL, rtol=0)
+
+
+def test_cost_model_picks_shared_projection_for_big_batches() -> None:
+    attention = Attention(256, 8, downsample_rate=2)
+    assert attention._fold_image_projection(batch=1, image_batch=1, tokens=7)
+    assert not attention._fold_image_projection(batch=64, image_batch=1, tokens=7)
+    assert attention._fold_image_projection(batch=64, image_batch=64, tokens=7)
+    assert not attention._fold_image_projection(batch=1, image_batch=1, tokens=40)
+
+
+# -------------------------------------------------------------------------------------
+# Image encoder: attention with the relative-position bias in chunks of query rows
+# -------------------------------------------------------------------------------------
+
+
+def test_chunked_attention_equals_official(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bias budget of a few rows (uneven last chunk) gives the official embedding, and no
+    attention call ever sees more bias than the budget."""
+    ours, official = make_model_pair("tiny", seed=2)
+    budget = 7 * 2 * 4096 * 4  # 7 rows of 2 heads x 4096 keys in float32
+    for block in ours.image_encoder.blocks:
+        block.attn.max_bias_bytes = budget
+    biggest = []
+    original = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            biggest.append(attn_mask.numel() * attn_mask.element_size())
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(image_encoder.F, "scaled_dot_product_attention", spy)
+    image = torch.randn((1, 3, 1024, 1024), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = ours.image_encoder(image)
+        expected = official.image_encoder(image)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+    assert max(biggest) <= budget
+    assert len(biggest) > 4096 // 7  # the global block really ran in chunks
+
+
+def test_rel_pos_attention_chunks_equal_one_pass() -> None:
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn((2, 3, 30, 8), generator=g) for _ in range(3))
+    tables = torch.randn((11, 8), generator=g), torch.randn((11, 8), generator=g)
+    whole = image_encoder.rel_pos_attention(q, k, v, *tables, (5, 6), max_bias_bytes=2**30)
+    for rows in (1, 4, 29):
+        budget = rows * 2 * 3 * 30 * 4
+        chunked = image_encoder.rel_pos_attention(q, k, v, *tables, (5, 6), budget)
+        torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+# -------------------------------------------------------------------------------------
+# torch.compile
+# -------------------------------------------------------------------------------------
+
+
+def test_compiled_encoder_matches_official(shared_data: Path) -> None:
+    ours, official = make_model_pair("tiny", seed=9)
+    image = _real_image(shared_data)
+    predictor = SamPredictor(ours, precision="fp32", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # compiling must work here, not fall back
+        predictor.set_image(image)
+    assert predictor._encoder.is_compiled
+    reference = _official_predictor(official)
+    reference.set_image(image)
+    torch.testing.assert_close(
+        predictor.get_image_embedding(), reference.get_image_embedding(), atol=ATOL, rtol=1e-4
+    )
+
+
+def test_compile_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours, _ = make_model_pair("tiny", seed=9)
+
+    def broken_compile(module):
+        def run(x):
+            raise RuntimeError("no C++ compiler\nlong details")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    predictor = SamPredictor(ours, precision="fp32", compile=True)
+    image = np.zeros((40, 60, 3), np.uint8)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler\\); running the image encoder"):
+        predictor.set_image(image)
+    eager = SamPredictor(ours, precision="fp32")
+    eager.set_image(image)
+    torch.testing.assert_close(predictor.get_image_embedding(), eager.get_image_embedding())
+
+
+# -------------------------------------------------------------------------------------
+# Command line
+# -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam_random.pt"
+    torch.save(randomize_(build_mobile_sam(), seed=5).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[dict]:
+    """Record the keyword arguments each ``module.name`` (a class) is built with."""
+    calls: list[dict] = []
+    real = getattr(module, name)
+
+    class Recorder(real):
+        # The everything command reads the generator's defaults from its signature.
+        __signature__ = inspect.signature(real)
+
+        def __init__(self, *args, **kwargs) -> None:
+            calls.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, Recorder)
+    return calls
+
+
+@pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp32", "--compile"]])
+def test_segment_passes_precision(flags, tmp_path, image_path, checkpoint, monkeypatch) -> None:
+    calls = _spy(monkeypatch, segment, "SamPredictor")
+    monkeypatch.setattr(predictor_module, "compiled", lambda module: module)  # compiling is slow
+    out = tmp_path / "mask.png"
+    args = ["segment", str(image_path), "--point", "40,30", "--checkpoint", str(checkpoint)]
+    assert main([*args, "-o", str(out), "--device", "cpu", *flags]) == 0
+    assert calls == [{"precision": flags[1], "compile": "--compile" in flags}]
+    assert out.is_file()
+
+
+def test_everything_and_eval_pass_precision(tmp_path, monkeypatch, checkpoint) -> None:
+    generators = _spy(monkeypatch, everything, "SamAutomaticMaskGenerator")
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(image)
+    args = ["everything", str(image), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)]
+    assert main([*args, "--points-per-side", "2", "--precision", "bf16"]) == 0
+    assert generators[0]["precision"] == "bf16" and generators[0]["compile"] is False
+    # eval, on a stand-in data set and evaluation: only the plumbing is under test.
+    predictors = _spy(monkeypatch, eval_command, "SamPredictor")
+    monkeypatch.setattr(eval_command, "load_dataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(eval_command, "model_from_args", lambda args: make_model_pair()[0])
+    monkeypatch.setattr(eval_command, "evaluate", _stop)
+    with pytest.raises(_Stop):
+        main(["eval", "--data", str(tmp_path), "--precision", "fp32", "--device", "cpu"])
+    assert predictors == [{"precision": "fp32", "compile": False}]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--precision", "fp64"], "invalid choice: 'fp64'"), (["--precision", "fp16"], "CUDA")],
+)
+def test_bad_precision_exits_2(flags, message, tmp_path, image_path, capsys) -> None:
+    args = ["segment", str(image_path), "--point", "1,1", "-o", str(tmp_path / "m.png"), *flags]
+    try:
+        status = main([*args, "--device", "cpu"])
+    except SystemExit as stop:  # argparse rejects unknown choices itself
+        status = stop.code
+    assert status == 2
+    assert message in capsys.readouterr().err
