@@ -133,8 +133,9 @@ def upscale_logits(
     if low_res.shape[-2] == side and factor * side == model_size:
         rows = min(side, math.ceil(input_size[0] / factor) + 1)
         cols = min(side, math.ceil(input_size[1] / factor) + 1)
+        # A contiguous copy of the (small) slice: interpolating a strided view is ~30% slower.
         padded = F.interpolate(
-            low_res[..., :rows, :cols],
+            low_res[..., :rows, :cols].contiguous(),
             (rows * factor, cols * factor),
             mode="bilinear",
             align_corners=False,
