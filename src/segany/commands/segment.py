@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import SeganyError
 from ..images import overlay_masks, read_image, write_image, write_mask_png
-from ..predictor import SamPredictor, check_boxes, check_points
+from ..inputs import check_boxes, check_points
+from ..predictor import SamPredictor
 from .common import add_model_arguments, inference_options, model_from_args, parse_numbers
 
 
