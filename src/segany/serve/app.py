@@ -38,10 +38,10 @@ from starlette.background import BackgroundTask
 
 from .. import __version__
 from ..errors import SeganyError
+from ..inputs import check_boxes, check_points
 from ..mask_formats import write_json
 from ..masks import check_rle, coco_bbox, coco_to_rle, masks_to_rle, rle_area, rle_to_coco
 from ..modeling import Sam
-from ..predictor import check_boxes, check_points
 from .export import coco_export, png_zip, write_png_folder
 from .library import ImageLibrary, NotAnImage
 from .security import (
