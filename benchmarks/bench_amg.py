@@ -77,7 +77,7 @@ def sharpen(model: torch.nn.Module) -> None:
 
 def predicted_ious(model: torch.nn.Module, image: np.ndarray, points: int) -> torch.Tensor:
     """Predicted IoUs (points², 3) of the full-image masks."""
-    generator = SamAutomaticMaskGenerator(model, points_per_side=points)
+    generator = SamAutomaticMaskGenerator(model, points_per_side=points, precision="fp32")
     generator.predictor.set_image(image)
     grid = generator.point_grids[0] * np.array(image.shape[1::-1])
     image_pe = model.prompt_encoder.get_dense_pe()
@@ -153,7 +153,7 @@ def main() -> None:
 
     # Alternate the two so a busy machine slows both alike.
     official = OfficialGenerator(official_model, **options)
-    ours = SamAutomaticMaskGenerator(ours_model, **options)
+    ours = SamAutomaticMaskGenerator(ours_model, precision="fp32", **options)
     runs: dict[str, list[dict[str, float]]] = {"official": [], "segany": []}
     for _ in range(args.repeats):
         runs["official"].append(timed_run(official, image))
