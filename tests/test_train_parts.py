@@ -157,3 +157,45 @@ def test_prepare_item_geometry() -> None:
 def test_tiny_config_builds_for_training() -> None:
     model = build_sam_from_config(TINY_CONFIG)
     assert encoder_layer_ids(model)[1] == TINY_CONFIG.encoder.depth + 1
+
+
+def test_synthetic_shapes_are_reproducible_disjoint_objects() -> None:
+    from segany.data.synthetic import MIN_OBJECT_AREA, SyntheticShapes
+
+    data = SyntheticShapes(8, seed=3)
+    first, again = data.get(5), SyntheticShapes(8, seed=3).get(5)
+    assert np.array_equal(first.image, again.image) and np.array_equal(first.masks, again.masks)
+    assert not np.array_equal(first.image, SyntheticShapes(8, seed=4).get(5).image)
+    for index in range(len(data)):
+        sample = data.get(index)
+        height, width = sample.image.shape[:2]
+        assert (
+            sample.image.dtype == np.uint8
+            and 256 <= min(height, width) <= max(height, width) <= 640
+        )
+        assert sample.masks.shape[1:] == (height, width) and len(sample.masks) >= 1
+        # Later shapes occlude earlier ones: every pixel belongs to at most one object.
+        assert sample.masks.sum(axis=0).max() == 1
+        assert (sample.masks.sum(axis=(1, 2)) >= MIN_OBJECT_AREA).all()
+
+
+def test_synthetic_source_in_a_config(tmp_path) -> None:
+    from segany.errors import SeganyError
+    from segany.train.config import parse_config
+    from segany.train.data_stream import SampleStream
+
+    raw = {
+        "model": {"name": "vit_t"},
+        "data": {"train": [{"synthetic": "shapes", "images": 4}], "masks_per_image": 3},
+        "output": "out",
+    }
+    config = parse_config(raw, tmp_path)
+    item = SampleStream(config, 128).item(2)
+    assert item.image.shape[0] == 3 and max(item.image.shape[1:]) <= 128
+    assert 1 <= len(item.masks) <= 3
+    raw["data"]["train"] = [{"synthetic": "circles"}]
+    with pytest.raises(SeganyError, match="unknown synthetic data 'circles'"):
+        parse_config(raw, tmp_path)
+    raw["data"]["train"] = [{"split": "train"}]
+    with pytest.raises(SeganyError, match="needs a root folder"):
+        parse_config(raw, tmp_path)

@@ -16,16 +16,23 @@ from ..errors import SeganyError
 
 FREEZE_CHOICES = ("none", "encoder", "partial")
 PRECISIONS = ("fp32", "bf16")
+SYNTHETIC_KINDS = ("shapes",)
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """One dataset folder; ``split`` is train / val / all (see segany.data)."""
+    """One dataset folder; ``split`` is train / val / all (see segany.data).
 
-    root: Path
+    ``synthetic: shapes`` instead of a root: ``images`` generated images of random
+    shapes (see segany.data.synthetic), a curriculum for training from scratch.
+    """
+
+    root: Path | None = None
     format: str | None = None
     split: str = "train"
     weight: float = 1.0
+    synthetic: str | None = None
+    images: int = 10000
 
 
 @dataclass(frozen=True)
@@ -198,7 +205,17 @@ def _check(config: TrainConfig) -> None:
     if not 0 < low <= high:
         raise SeganyError("data.augment.scale_jitter must be [low, high] with 0 < low <= high")
     for source in config.data.train + config.data.val:
-        if not source.root.is_dir():
+        if source.synthetic is not None:
+            if source.synthetic not in SYNTHETIC_KINDS:
+                raise SeganyError(
+                    f"unknown synthetic data {source.synthetic!r}; "
+                    f"choose one of: {', '.join(SYNTHETIC_KINDS)}"
+                )
+            if source.images < 1:
+                raise SeganyError("images of a synthetic data source must be at least 1")
+        elif source.root is None:
+            raise SeganyError("each data source needs a root folder (or synthetic: shapes)")
+        elif not source.root.is_dir():
             raise SeganyError(f"data folder not found: {source.root}")
 
 

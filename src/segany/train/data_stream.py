@@ -14,11 +14,20 @@ from functools import lru_cache
 import numpy as np
 
 from ..data import SegmentationDataset, load_dataset
+from ..data.synthetic import SyntheticShapes
 from ..errors import SeganyError
 from .augment import TrainItem, prepare_item
-from .config import TrainConfig
+from .config import DataSource, TrainConfig
 
 MAX_ATTEMPTS = 20
+
+
+def _open_source(source: DataSource, seed: int) -> SegmentationDataset | SyntheticShapes:
+    if source.synthetic is not None:
+        return SyntheticShapes(source.images, seed=seed)
+    assert source.root is not None  # checked with the config
+    split = None if source.split == "all" else source.split
+    return load_dataset(source.root, format=source.format, split=split)
 
 
 class SampleStream:
@@ -27,9 +36,8 @@ class SampleStream:
     def __init__(self, config: TrainConfig, img_size: int) -> None:
         self.config = config
         self.img_size = img_size
-        self.datasets: list[SegmentationDataset] = [
-            load_dataset(s.root, format=s.format, split=None if s.split == "all" else s.split)
-            for s in config.data.train
+        self.datasets: list[SegmentationDataset | SyntheticShapes] = [
+            _open_source(source, config.optim.seed) for source in config.data.train
         ]
         entries = []
         for index, (source, dataset) in enumerate(zip(config.data.train, self.datasets)):
