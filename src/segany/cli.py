@@ -8,11 +8,11 @@ import warnings
 from collections.abc import Sequence
 
 from . import __version__
+from .commands import engine, everything, export, segment, serve, train, weights
 from .commands import eval as eval_command
-from .commands import everything, export, segment, serve, train, weights
 from .errors import SeganyError
 
-COMMANDS = (segment, everything, weights, train, eval_command, export, serve)
+COMMANDS = (segment, everything, weights, train, eval_command, export, serve, engine)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _default_split(data: Path) -> str:
+def default_split(data: Path) -> str:
     """``val`` when a splits.json names this data set, else ``all``."""
     try:
         split_stems(data, "val")
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.exists():
         raise SeganyError(f"--data {args.data} not found; give the folder with your data set")
-    split = args.split or _default_split(data)
+    split = args.split or default_split(data)
     dataset = load_dataset(data, format=args.format, split=split)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))

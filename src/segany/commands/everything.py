@@ -16,19 +16,17 @@ skipped on a rerun (unless ``--overwrite``).
 from __future__ import annotations
 
 import argparse
-import glob
-import inspect
 import json
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from ..automatic_mask_generator import SamAutomaticMaskGenerator, check_options
+from ..automatic_mask_generator import SamAutomaticMaskGenerator
+from ..engine.sources import Job, output_folder, require_inputs
+from ..engine.sources import plan_jobs as plan_jobs_for
 from ..errors import SeganyError
 from ..images import read_image
 from ..mask_formats import (
@@ -38,28 +36,13 @@ from ..mask_formats import (
     write_json,
     write_overlay,
 )
-from .common import add_model_arguments, inference_options, model_from_args
+from .common import add_amg_arguments, add_model_arguments, amg_options, model_from_args
 
 FORMATS = ("sa1b", "coco", "png")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"}
 COCO_PARTS = "coco_parts"
 COCO_FILE = "instances.json"
 OVERLAY_SUFFIX = ".overlay.jpg"
 
-# Generator options offered as flags (point_grids cannot be given on a command line).
-AMG_OPTIONS: dict[str, tuple[type, str]] = {
-    "points_per_side": (int, "grid points along each side of the image"),
-    "points_per_batch": (int, "points run through the model together (memory vs speed)"),
-    "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this (0 disables)"),
-    "stability_score_thresh": (float, "keep masks at least this stable (0 disables)"),
-    "stability_score_offset": (float, "logit shift used to measure stability"),
-    "box_nms_thresh": (float, "box IoU above which duplicate masks are removed"),
-    "crop_n_layers": (int, "extra layers of image crops (layer i has 4**i crops)"),
-    "crop_nms_thresh": (float, "box IoU above which duplicates across crops are removed"),
-    "crop_overlap_ratio": (float, "overlap of first-layer crops, fraction of the short side"),
-    "crop_n_points_downscale_factor": (int, "points per side shrink by this per crop layer"),
-    "min_mask_region_area": (int, "fill holes and drop islands smaller than this (pixels)"),
-}
 # Uncompressed RLE is cheap to draw and converts to COCO RLE when written.
 OUTPUT_MODE = {"sa1b": "uncompressed_rle", "coco": "uncompressed_rle", "png": "binary_mask"}
 
@@ -69,13 +52,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "everything",
         help="automatic masks for everything in images",
-        description="Find masks for every object in INPUT (an image, a folder of images, or a "
-        "glob such as 'photos/*.jpg') with a grid of point prompts, as SAM's automatic mask "
-        "generator. Finished images are skipped on a rerun.",
+        description="Find masks for every object in INPUT (an image, a folder of images, a "
+        "glob such as 'photos/*.jpg' or a .txt file listing image paths) with a grid of point "
+        "prompts, as SAM's automatic mask generator. Finished images are skipped on a rerun.",
         epilog="Exit status: 0 on success, 1 if some images could not be read (they are "
         "skipped and listed), 2 for bad options or no images.",
     )
-    parser.add_argument("input", metavar="INPUT", help="image file, folder, or glob pattern")
+    parser.add_argument(
+        "input", metavar="INPUT", help="image file, folder, glob pattern or .txt list of images"
+    )
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     parser.add_argument(
         "--format",
@@ -90,17 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="redo images whose outputs already exist"
     )
-    defaults = inspect.signature(SamAutomaticMaskGenerator).parameters
-    group = parser.add_argument_group("mask generator (defaults as SAM's)")
-    for name, (kind, text) in AMG_OPTIONS.items():
-        default = defaults[name].default
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=default,
-            metavar="N" if kind is int else "X",
-            help=f"{text} (default: {default:.4g})",
-        )
+    add_amg_arguments(parser)
     add_model_arguments(parser, precision=True)
     parser.set_defaults(run=run)
 
@@ -108,50 +83,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 # -------------------------------------------------------------------------------------
 # Inputs and per-image outputs
 # -------------------------------------------------------------------------------------
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
-
-
-def find_inputs(pattern: str, outdir: Path) -> list[Path]:
-    """Image files named by ``pattern``, sorted; never files inside ``outdir``.
-
-    A folder gives its files with an image suffix (not recursive); anything else that is not
-    an existing file is a glob (``**`` recurses) and gives every file it matches.
-    """
-    path = Path(pattern)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        found = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
-    return sorted(p for p in found if not _inside(p, outdir))
-
-
-def image_ids(paths: list[Path]) -> list[int]:
-    """COCO image ids: the number ending each file stem (as in COCO's and SA-1B's names),
-    with the next free numbers for stems without one; positions from 1 if numbers repeat."""
-    numbers = [re.search(r"(\d+)$", p.stem) for p in paths]
-    found = [int(n.group(1)) for n in numbers if n]
-    if len(set(found)) != len(found):
-        return list(range(1, len(paths) + 1))
-    spare = iter(range(max(found, default=0) + 1, max(found, default=0) + len(paths) + 1))
-    return [int(n.group(1)) if n else next(spare) for n in numbers]
-
-
-@dataclass(frozen=True)
-class Job:
-    """One input image and where its outputs go."""
-
-    path: Path
-    image_id: int
-    main_output: Path  # its presence marks the image done
-    overlay: Path | None
-
-    def done(self) -> bool:
-        return self.main_output.exists() and (self.overlay is None or self.overlay.exists())
 
 
 def _main_output(outdir: Path, stem: str, fmt: str) -> Path:
@@ -164,23 +95,11 @@ def _main_output(outdir: Path, stem: str, fmt: str) -> Path:
 
 def plan_jobs(paths: list[Path], outdir: Path, fmt: str, overlay: bool) -> list[Job]:
     """A Job per input; SeganyError if two inputs would write the same outputs."""
-    seen: dict[str, Path] = {}
-    for path in paths:
-        if path.stem in seen:
-            raise SeganyError(
-                f"{seen[path.stem]} and {path} would write the same outputs ({path.stem}.*); "
-                "rename one or run them into different output folders"
-            )
-        seen[path.stem] = path
-    return [
-        Job(
-            path=path,
-            image_id=image_id,
-            main_output=_main_output(outdir, path.stem, fmt),
-            overlay=outdir / f"{path.stem}{OVERLAY_SUFFIX}" if overlay else None,
-        )
-        for path, image_id in zip(paths, image_ids(paths), strict=True)
-    ]
+    return plan_jobs_for(
+        paths,
+        lambda stem: _main_output(outdir, stem, fmt),
+        (lambda stem: outdir / f"{stem}{OVERLAY_SUFFIX}") if overlay else None,
+    )
 
 
 def write_outputs(job: Job, fmt: str, image: np.ndarray, records: list[dict[str, Any]]) -> None:
@@ -211,30 +130,11 @@ def assemble_coco(jobs: list[Job], outdir: Path) -> Path:
 # -------------------------------------------------------------------------------------
 
 
-def _generator_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {name: getattr(args, name) for name in AMG_OPTIONS}
-    options["output_mode"] = OUTPUT_MODE[args.format]
-    check_options(**options)  # bad options fail before the model loads
-    return {**options, **inference_options(args)}
-
-
-def _output_dir(path: str) -> Path:
-    outdir = Path(path)
-    if outdir.exists() and not outdir.is_dir():
-        raise SeganyError(f"output {path!r} is a file; give a folder for -o")
-    return outdir
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``segany everything``; returns the exit status (see the parser's epilog)."""
-    options = _generator_options(args)
-    outdir = _output_dir(args.output)
-    paths = find_inputs(args.input, outdir)
-    if not paths:
-        raise SeganyError(
-            f"no images found at {args.input!r}; give an image, a folder of images "
-            "or a glob such as 'photos/*.jpg'"
-        )
+    options = amg_options(args, OUTPUT_MODE[args.format])
+    outdir = output_folder(args.output)
+    paths = require_inputs(args.input, outdir)
     jobs = plan_jobs(paths, outdir, args.format, args.overlay)
     todo = [job for job in jobs if args.overwrite or not job.done()]
     outdir.mkdir(parents=True, exist_ok=True)
