@@ -32,7 +32,7 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP) $(CHROMIUM)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) demo-output

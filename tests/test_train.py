@@ -121,16 +121,19 @@ def test_resume_continues_bit_for_bit(tmp_path: Path, shared_data: Path) -> None
     assert logged == [1, 2, 3, 5]  # the stop at 3 logged its last step; nothing twice
 
 
-def test_fine_tune_with_frozen_encoder(tmp_path: Path, shared_data: Path) -> None:
-    start = randomize_(build_sam_from_config(config_from_dict(TINY_VIT)), seed=1)
-    checkpoint = save_model(start, tmp_path / "start.safetensors", config_from_dict(TINY_VIT))
+@pytest.mark.parametrize("architecture", [TINY_VIT, TINY_HYBRID], ids=["vit", "hybrid"])
+def test_fine_tune_with_frozen_encoder(
+    tmp_path: Path, shared_data: Path, architecture: dict
+) -> None:
+    start = randomize_(build_sam_from_config(config_from_dict(architecture)), seed=1)
+    checkpoint = save_model(start, tmp_path / "start.safetensors", config_from_dict(architecture))
     config = load_config(
         write_config(
             tmp_path,
             shared_data,
             model={
                 "name": None,
-                "config": TINY_VIT,
+                "config": architecture,
                 "checkpoint": str(checkpoint),
                 "freeze": "encoder",
             },
@@ -144,6 +147,10 @@ def test_fine_tune_with_frozen_encoder(tmp_path: Path, shared_data: Path) -> Non
         for key, value in start.named_parameters()
     }
     assert not any(v for k, v in changed.items() if k.startswith("image_encoder."))
+    # Buffers too: a frozen encoder's BatchNorm statistics must not drift either.
+    tuned_state, start_state = tuned.state_dict(), start.state_dict()
+    encoder_state = [k for k in start_state if k.startswith("image_encoder.")]
+    assert all(torch.equal(tuned_state[k], start_state[k]) for k in encoder_state)
     decoder = [v for k, v in changed.items() if k.startswith("mask_decoder.")]
     assert sum(decoder) >= 0.9 * len(decoder)  # all but outputs that no prompt of 3 steps used
 

@@ -379,7 +379,7 @@ def coco_to_rle(rle: CocoRLE) -> UncompressedRLE:
     return check_rle({"size": rle.get("size"), "counts": counts})
 
 
-def _pycoco_rle(rle: CocoRLE) -> dict[str, Any]:
+def pycoco_rle(rle: CocoRLE) -> dict[str, Any]:
     """The compressed RLE with bytes ``counts``, as pycocotools' C functions want it."""
     counts = rle["counts"]
     return {
@@ -393,12 +393,12 @@ def coco_to_mask(rle: CocoRLE) -> np.ndarray:
     with warnings.catch_warnings():
         # pycocotools' decoder trips a harmless NumPy 2 deprecation on every call.
         warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        return mask_utils.decode(_pycoco_rle(rle)).astype(bool)
+        return mask_utils.decode(pycoco_rle(rle)).astype(bool)
 
 
 def coco_bbox(rle: CocoRLE) -> list[float]:
     """COCO XYWH box of a compressed RLE (pycocotools ``toBbox``: ``w`` counts pixels)."""
-    return [float(v) for v in mask_utils.toBbox(_pycoco_rle(rle))]
+    return [float(v) for v in mask_utils.toBbox(pycoco_rle(rle))]
 
 
 # --------------------------------------------------------------------------------------

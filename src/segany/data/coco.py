@@ -61,7 +61,8 @@ def _find_json(root: Path) -> Path:
     raise SeganyError(f"several JSON files in {root} ({names}); give the one to use as --data")
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def load_coco_json(path: Path) -> dict[str, Any]:
+    """A COCO instances JSON as a dict; SeganyError naming the file when it is not one."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -158,7 +159,8 @@ def _decode_coco(
     return decoded
 
 
-def _image_dirs(json_path: Path) -> list[Path]:
+def coco_image_dirs(json_path: Path) -> list[Path]:
+    """Folders where the images of a COCO JSON may be: images/ beside it, or its own folder."""
     folder = json_path.parent
     dirs = [folder / "images", folder]
     if folder.name == "annotations":
@@ -166,7 +168,8 @@ def _image_dirs(json_path: Path) -> list[Path]:
     return dirs
 
 
-def _locate(file_name: str, dirs: list[Path]) -> Path | None:
+def locate_image(file_name: str, dirs: list[Path]) -> Path | None:
+    """The first ``dir / file_name`` that exists, or None."""
     return next((d / file_name for d in dirs if (d / file_name).is_file()), None)
 
 
@@ -203,9 +206,9 @@ def _objects_by_image(data: dict[str, Any], json_path: Path) -> dict[Any, list[C
 def index_coco(root: Path) -> list[ImageEntry]:
     """Index a COCO instances data set (see the module docstring for the layout)."""
     json_path = _find_json(root)
-    data = _load_json(json_path)
+    data = load_coco_json(json_path)
     objects = _objects_by_image(data, json_path)
-    dirs = _image_dirs(json_path)
+    dirs = coco_image_dirs(json_path)
     entries, missing, empty = [], [], []
     for record in data["images"]:
         if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
@@ -216,7 +219,7 @@ def index_coco(root: Path) -> list[ImageEntry]:
         if not any(not crowd for _, _, crowd in found):
             empty.append(file_name)
             continue
-        path = _locate(file_name, dirs)
+        path = locate_image(file_name, dirs)
         if path is None:
             missing.append(file_name)
             continue

@@ -33,10 +33,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..data.base import DataWarning
-from ..data.coco import _image_dirs, _load_json, _locate, segmentation_to_mask
+from ..data.coco import coco_image_dirs, load_coco_json, locate_image, segmentation_to_mask
 from ..errors import SeganyError
 from ..mask_formats import write_json
-from ..masks import CocoRLE, _pycoco_rle, coco_bbox
+from ..masks import CocoRLE, coco_bbox, pycoco_rle
 from .annotate import ModelSpec
 from .auto import RunSettings, Summary, plan_auto, run_auto
 
@@ -72,10 +72,10 @@ def proposal_category_ids(data: dict[str, Any]) -> set[Any]:
 def overlap_fraction(proposal: CocoRLE, occupied: CocoRLE) -> float:
     """Pixels of ``proposal`` inside ``occupied`` over the pixels of ``proposal`` (both
     COCO RLE of the same image); 1 for an empty proposal, which is never wanted."""
-    area = float(mask_utils.area(_pycoco_rle(proposal)))
+    area = float(mask_utils.area(pycoco_rle(proposal)))
     if area == 0:
         return 1.0
-    shared = mask_utils.merge([_pycoco_rle(proposal), _pycoco_rle(occupied)], intersect=True)
+    shared = mask_utils.merge([pycoco_rle(proposal), pycoco_rle(occupied)], intersect=True)
     return float(mask_utils.area(shared)) / area
 
 
@@ -155,9 +155,9 @@ def locate_images(
     """(image record, image file) for every image of the COCO file that is found, in
     ``images_dir`` or (without it) where segany.data looks: ``images/`` beside the JSON,
     beside it, and one folder up when it is in ``annotations/``."""
-    dirs = [images_dir] if images_dir is not None else _image_dirs(json_path)
+    dirs = [images_dir] if images_dir is not None else coco_image_dirs(json_path)
     records = _image_records(data, json_path)
-    found = [(r, _locate(r["file_name"], dirs)) for r in records]
+    found = [(r, locate_image(r["file_name"], dirs)) for r in records]
     missing = [r["file_name"] for r, path in found if path is None]
     where = ", ".join(str(d) for d in dirs)
     if records and len(missing) == len(records):
@@ -191,7 +191,7 @@ def propose(
     rerun, or a run with another ``max_overlap``, costs no model work."""
     if not 0 <= max_overlap <= 1:
         raise SeganyError(f"--max-overlap must be between 0 and 1, got {max_overlap:g}")
-    data = _load_json(coco_path)
+    data = load_coco_json(coco_path)
     located = locate_images(data, coco_path, images_dir)
     stats = ProposeStats(images=len(data["images"]))
     stats.images_missing = len(data["images"]) - len(located)

@@ -37,7 +37,7 @@ from ..build import (
 )
 from ..checkpoint import detect_model_type, read_metadata, read_state_dict
 from ..data import SegmentationDataset, load_dataset
-from ..data.coco import _load_json
+from ..data.coco import load_coco_json
 from ..errors import SeganyError
 from ..evaluate import CLICK_COUNTS, evaluate
 from ..mask_formats import write_json
@@ -107,7 +107,7 @@ class AcceptedData:
 
 def accepted_data(coco_path: Path, images_dir: Path | None) -> AcceptedData:
     """The COCO file's accepted annotations and the images that have any."""
-    data = _load_json(coco_path)
+    data = load_coco_json(coco_path)
     proposal_categories = proposal_category_ids(data)
     annotations: dict[Any, list[dict[str, Any]]] = {}
     left_out = 0

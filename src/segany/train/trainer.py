@@ -112,6 +112,19 @@ def apply_freeze(model: Sam, section: ModelSection) -> None:
         param.requires_grad_(ids[name] >= first_trainable)
 
 
+def freeze_norm_statistics(model: Sam) -> None:
+    """Put normalisation layers whose parameters are all frozen in eval mode.
+
+    A frozen encoder must not change: in train mode BatchNorm would still update its
+    running statistics from the fine-tuning images. Call after ``model.train()``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
 def set_drop_path(model: Sam, rate: float) -> None:
     """Stochastic depth rising linearly to ``rate`` over the encoder's blocks."""
     modules = [m for m in model.image_encoder.modules() if isinstance(m, DropPath)]
@@ -339,6 +352,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
 
     architecture, sam = build_training_model(config)
     sam.to(device).train()
+    freeze_norm_statistics(sam)
     optimizer = torch.optim.AdamW(
         parameter_groups(sam, config.optim), lr=config.optim.lr, betas=config.optim.betas
     )
