@@ -66,6 +66,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="image embeddings kept in memory (default: 16)",
     )
     parser.add_argument(
+        "--import-coco",
+        metavar="FILE",
+        help="first add the annotations of this COCO instances JSON to the project (from "
+        "segany engine propose: its proposals come in as proposals to keep or delete); "
+        "importing a file again adds nothing",
+    )
+    parser.add_argument(
         "--no-disk-cache",
         action="store_true",
         help="do not keep embeddings in the project folder (they are recomputed after a restart)",
@@ -119,6 +126,18 @@ def _url(host: str, port: int, token: str | None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
+def _import(settings: ServeSettings, coco_path: Path) -> None:
+    """Import a COCO file into the project of ``settings`` and print the report."""
+    from ..serve.app import PROJECT_FILE
+    from ..serve.importer import import_coco
+    from ..serve.store import ProjectStore
+
+    store = ProjectStore(settings.project_dir / PROJECT_FILE)
+    report = import_coco(store, coco_path, settings.images_dir)
+    for line in report.lines():
+        print(f"segany serve: {line}" if not line.startswith(" ") else line)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``segany serve`` until interrupted."""
     try:
@@ -131,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
             "pip install 'segany[serve]'"
         ) from None
     settings = _settings(args)
+    if args.import_coco is not None:  # before the model loads: a bad file fails fast
+        _import(settings, Path(args.import_coco))
     if not is_loopback(args.host) and settings.token is None:
         print(
             f"segany serve: warning: listening on {args.host} without a token: anyone who "

@@ -4,5 +4,6 @@ Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart). See :mod:`segany
 """
 
 from .app import ServeSettings, create_app
+from .importer import ImportReport, import_coco
 
-__all__ = ["ServeSettings", "create_app"]
+__all__ = ["ImportReport", "ServeSettings", "create_app", "import_coco"]

@@ -3,6 +3,13 @@
 Both list the kept objects (``manual`` and ``auto``; proposals only when asked) of the
 images that have any, images by id and objects by id. A label becomes a COCO category
 (unlabelled objects are ``object``); categories are numbered from 1 in name order.
+
+The COCO export is what ``segany engine retrain`` reads: kept objects are ordinary
+annotations (``source`` ``manual`` or ``auto``, a kept proposal included), which it trains
+on; a proposal still waiting (with ``include_proposals``) has ``source`` ``proposal`` and
+the mark ``segany engine propose`` writes, ``"segany": {"proposal": true,
+"predicted_iou", ...}`` (with the stability score and the rest of the mark it was imported
+with), which it leaves out.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ def coco_export(store: ProjectStore, include_proposals: bool = False) -> dict[st
     in pixels of the image, label 1 = foreground, box XYXY).
     """
     groups = exported_objects(store, include_proposals)
+    marks = store.import_marks() if include_proposals else {}
     names = sorted({_category(obj) for _, objects in groups for obj in objects})
     category_ids = {name: index for index, name in enumerate(names, start=1)}
     documents = [
@@ -75,7 +83,10 @@ def coco_export(store: ProjectStore, include_proposals: bool = False) -> dict[st
                 "width": objects[0].mask["size"][1],
                 "height": objects[0].mask["size"][0],
             },
-            "annotations": [_annotation(obj, category_ids[_category(obj)]) for obj in objects],
+            "annotations": [
+                _annotation(obj, category_ids[_category(obj)], marks.get(obj.id, {}))
+                for obj in objects
+            ],
         }
         for image, objects in groups
     ]
@@ -85,7 +96,8 @@ def coco_export(store: ProjectStore, include_proposals: bool = False) -> dict[st
     return coco_document(documents, categories)
 
 
-def _annotation(obj: StoredObject, category_id: int) -> dict[str, Any]:
+def _annotation(obj: StoredObject, category_id: int, marks: dict[str, Any]) -> dict[str, Any]:
+    """The COCO annotation of an object; ``marks``: those it was imported with."""
     annotation: dict[str, Any] = {
         "segmentation": obj.mask,
         "area": obj.area,
@@ -96,7 +108,22 @@ def _annotation(obj: StoredObject, category_id: int) -> dict[str, Any]:
     }
     if obj.score is not None:
         annotation["predicted_iou"] = obj.score
+    if obj.source == "proposal":
+        annotation["segany"] = proposal_mark(obj, marks)
     return annotation
+
+
+def proposal_mark(obj: StoredObject, marks: dict[str, Any]) -> dict[str, Any]:
+    """The ``"segany"`` field of a waiting proposal, in ``segany engine propose``'s format:
+    ``proposal`` true, the predicted IoU and the imported marks (stability score, ...)."""
+    mark: dict[str, Any] = {"proposal": True}
+    if obj.score is not None:
+        mark["predicted_iou"] = obj.score
+    points = obj.prompts.get("points")
+    if points and "point_coords" not in marks:
+        mark["point_coords"] = points  # a proposal of "Segment everything": its grid point
+    mark.update((key, value) for key, value in marks.items() if key not in mark)
+    return mark
 
 
 def mask_file(image: StoredImage, obj: StoredObject) -> str:

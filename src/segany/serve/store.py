@@ -9,11 +9,17 @@ concurrency; the API exposes it as the ETag), otherwise :class:`Conflict` is rai
 
 Masks are stored as compressed COCO RLE strings (pixels of the original image, as
 pycocotools writes them); boxes are COCO XYWH from pycocotools' ``toBbox``.
+
+Objects imported from a COCO file (:mod:`.importer`) are also remembered in ``imported``:
+which mask came onto which image, as an accepted object or as a proposal, so importing a
+file again adds nothing (not even the proposals deleted since), and the file's
+``"segany"`` marks of each (a proposal's scores), which exports give back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,6 +61,21 @@ CREATE TABLE IF NOT EXISTS objects (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS objects_by_image ON objects (image_id, id);
+-- Added after schema 1 was released, without a version change: older segany ignore the
+-- table, and SQLite itself clears object_id when such a version deletes an object.
+CREATE TABLE IF NOT EXISTS imported (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id INTEGER NOT NULL REFERENCES images (id),
+    mask_key TEXT NOT NULL,             -- SHA-256 of the mask's size and RLE counts
+    proposal INTEGER NOT NULL,          -- 1: came in as a proposal, 0: as an accepted object
+    object_id INTEGER REFERENCES objects (id) ON DELETE SET NULL,
+    annotation_id TEXT NOT NULL,        -- JSON of the annotation's id in the file
+    file TEXT NOT NULL,                 -- the COCO file it came from
+    marks TEXT NOT NULL DEFAULT '{}',   -- JSON of the annotation's "segany" marks
+    imported_at TEXT NOT NULL,
+    UNIQUE (image_id, mask_key, proposal)
+);
+CREATE INDEX IF NOT EXISTS imported_by_object ON imported (object_id);
 """
 
 
@@ -113,6 +134,20 @@ class NewObject:
     prompts: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class ImportedObject:
+    """An object from a COCO file for :meth:`ProjectStore.import_objects`.
+
+    ``annotation_id`` is the annotation's id in the file (JSON, for reference only);
+    ``marks`` its ``"segany"`` marks without ``"proposal"`` (scores of a proposal).
+    """
+
+    image_id: int
+    object: NewObject
+    annotation_id: str
+    marks: dict[str, Any]
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -136,6 +171,12 @@ def _object(row: sqlite3.Row) -> StoredObject:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+def mask_key(mask: dict[str, Any]) -> str:
+    """What names a compressed COCO RLE mask in ``imported``: SHA-256 of size and counts."""
+    height, width = mask["size"]
+    return hashlib.sha256(f"{height}x{width}:{mask['counts']}".encode()).hexdigest()
 
 
 def _object_columns(new: NewObject) -> dict[str, Any]:
@@ -282,16 +323,7 @@ class ProjectStore:
                 db.execute(
                     "DELETE FROM objects WHERE image_id = ? AND source = 'proposal'", (image_id,)
                 )
-            ids = []
-            for new in objects:
-                columns = {**_object_columns(new), "image_id": image_id}
-                columns.update(created_at=now, updated_at=now)
-                names = ", ".join(columns)
-                marks = ", ".join("?" * len(columns))
-                cursor = db.execute(
-                    f"INSERT INTO objects ({names}) VALUES ({marks})", tuple(columns.values())
-                )
-                ids.append(cursor.lastrowid)
+            ids = [self._insert(db, image_id, new, now) for new in objects]
             rows = {
                 row["id"]: row
                 for row in db.execute(
@@ -299,6 +331,70 @@ class ProjectStore:
                 )
             }
         return [_object(rows[i]) for i in ids]
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, image_id: int, new: NewObject, now: str) -> int:
+        """INSERT one object; returns its id."""
+        columns = {**_object_columns(new), "image_id": image_id}
+        columns.update(created_at=now, updated_at=now)
+        names = ", ".join(columns)
+        marks = ", ".join("?" * len(columns))
+        cursor = db.execute(
+            f"INSERT INTO objects ({names}) VALUES ({marks})", tuple(columns.values())
+        )
+        return int(cursor.lastrowid)
+
+    def import_objects(self, items: Sequence[ImportedObject], file: str) -> list[ImportedObject]:
+        """Add the objects of a COCO file in one transaction (all of them or, on any
+        error, none); returns the items added, in order.
+
+        An item is skipped when its image already has an object with the very same mask
+        (any source), or when the same mask came onto it before in the same role (accepted
+        or proposal), even if that object has been deleted since: a rejected proposal stays
+        rejected however often its file is imported.
+        """
+        now = _now()
+        added = []
+        with self._transaction() as db:
+            for item in items:
+                mask = item.object.mask
+                key = mask_key(mask)
+                proposal = int(item.object.source == "proposal")
+                present = db.execute(
+                    "SELECT 1 FROM objects WHERE image_id = ? AND height = ? AND width = ? "
+                    "AND counts = ? UNION ALL SELECT 1 FROM imported WHERE image_id = ? "
+                    "AND mask_key = ? AND proposal = ?",
+                    (item.image_id, *mask["size"], mask["counts"], item.image_id, key, proposal),
+                ).fetchone()
+                if present is not None:
+                    continue
+                object_id = self._insert(db, item.image_id, item.object, now)
+                db.execute(
+                    "INSERT INTO imported (image_id, mask_key, proposal, object_id, "
+                    "annotation_id, file, marks, imported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        item.image_id,
+                        key,
+                        proposal,
+                        object_id,
+                        item.annotation_id,
+                        file,
+                        json.dumps(item.marks),
+                        now,
+                    ),
+                )
+                added.append(item)
+        return added
+
+    def import_marks(self) -> dict[int, dict[str, Any]]:
+        """The ``"segany"`` marks (without ``"proposal"``) that imported objects came with,
+        by object id; objects without marks are left out."""
+        with self._connection() as db:
+            rows = db.execute(
+                "SELECT object_id, marks FROM imported WHERE object_id IS NOT NULL "
+                "AND marks != '{}'"
+            ).fetchall()
+        return {row["object_id"]: json.loads(row["marks"]) for row in rows}
 
     def object(self, object_id: int) -> StoredObject:
         with self._connection() as db:
