@@ -101,16 +101,23 @@ def test_training_lowers_the_loss_on_real_data(tmp_path: Path, shared_data: Path
     assert (config.output / "curves.png").stat().st_size > 1000
 
 
-def test_resume_continues_bit_for_bit(tmp_path: Path, shared_data: Path) -> None:
-    straight = load_config(
-        write_config(tmp_path / "a", shared_data) if (tmp_path / "a").mkdir() is None else None
-    )
+WARMUP = {
+    "optim__geometric_warmup_steps": 2,
+    "optim__embedding_scale_start": 0.5,
+    "optim__embedding_scale_ramp_steps": 8,
+}
+
+
+@pytest.mark.parametrize("changes", [{}, WARMUP], ids=["plain", "warm-up"])
+def test_resume_continues_bit_for_bit(tmp_path: Path, shared_data: Path, changes: dict) -> None:
+    (tmp_path / "a").mkdir()
+    straight = load_config(write_config(tmp_path / "a", shared_data, **changes))
     reference = load_model(checkpoint=train(straight, progress=False))
 
     (tmp_path / "b").mkdir()
-    first_half = load_config(write_config(tmp_path / "b", shared_data, optim__steps=3))
+    first_half = load_config(write_config(tmp_path / "b", shared_data, optim__steps=3, **changes))
     train(first_half, progress=False)
-    second_half = load_config(write_config(tmp_path / "b", shared_data))
+    second_half = load_config(write_config(tmp_path / "b", shared_data, **changes))
     resumed = load_model(checkpoint=train(second_half, resume=True, progress=False))
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key

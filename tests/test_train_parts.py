@@ -199,3 +199,47 @@ def test_synthetic_source_in_a_config(tmp_path) -> None:
     raw["data"]["train"] = [{"split": "train"}]
     with pytest.raises(SeganyError, match="needs a root folder"):
         parse_config(raw, tmp_path)
+
+
+def test_embedding_scale_schedule_by_hand() -> None:
+    from segany.train.warmup import embedding_scale
+
+    optim = OptimSection(
+        geometric_warmup_steps=10, embedding_scale_start=0.2, embedding_scale_ramp_steps=40
+    )
+    expected = {0: 0.2, 10: 0.2, 20: 0.4, 30: 0.6, 50: 1.0, 90: 1.0}
+    for step, value in expected.items():
+        assert math.isclose(embedding_scale(optim, step), value), step
+    assert embedding_scale(OptimSection(), 0) == 1.0
+
+
+def test_folded_embedding_scale_equals_scaling_the_output() -> None:
+    from segany.train.warmup import fold_embedding_scale
+
+    torch.manual_seed(0)
+    model = build_sam_from_config(TINY_CONFIG).eval()
+    for param in model.image_encoder.neck[-1].parameters():
+        param.data.normal_()  # not the identity norm of a fresh model
+    image = torch.randn(1, 3, TINY_CONFIG.img_size, TINY_CONFIG.img_size)
+    with torch.no_grad():
+        expected = model.image_encoder(image) * 0.3
+        fold_embedding_scale(model, 0.3)
+        torch.testing.assert_close(model.image_encoder(image), expected)
+
+
+def test_decoder_lr_scale_applies_to_prompt_encoder_and_decoder_only() -> None:
+    model = build_sam_from_config(TINY_CONFIG)
+    groups = parameter_groups(model, OptimSection(lr=1e-3, decoder_lr_scale=0.25))
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = 1.0 if name.startswith("image_encoder.") else 0.25
+        assert scale_of[id(param)] == expected, name
+
+
+def test_random_shape_masks_for_the_geometric_warm_up() -> None:
+    from segany.train.warmup import random_shape_masks
+
+    masks = random_shape_masks(5, 64, torch.Generator().manual_seed(0))
+    again = random_shape_masks(5, 64, torch.Generator().manual_seed(0))
+    assert masks.shape == (5, 64, 64) and masks.dtype == torch.bool
+    assert torch.equal(masks, again) and (masks.flatten(1).sum(1) >= 40).all()

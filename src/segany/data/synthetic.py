@@ -53,7 +53,7 @@ def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _shape_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def shape_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """(H, W) bool: an ellipse, a rotated rectangle, a polygon or a smooth blob."""
     mask = np.zeros((height, width), np.uint8)
     side = min(height, width)
@@ -102,7 +102,7 @@ def render_shapes(
     image = _texture(rng, height, width)
     masks: list[np.ndarray] = []
     for _ in range(int(rng.integers(2, max_shapes + 1))):
-        shape = _shape_mask(rng, height, width)
+        shape = shape_mask(rng, height, width)
         if shape.sum() < MIN_OBJECT_AREA:
             continue
         image[shape] = _texture(rng, height, width)[shape]

@@ -82,6 +82,15 @@ class OptimSection:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     box_probability: float = 0.5  # first prompt a noisy box (else a point)
+    # Training from scratch (see segany.train.warmup): the first steps teach the decoder to
+    # follow prompts on random shapes over random embeddings of this scale ...
+    geometric_warmup_steps: int = 0
+    geometric_embedding_scale: float = 0.1
+    # ... then the image embedding is scaled from embedding_scale_start up to 1 over the
+    # next embedding_scale_ramp_steps (folded into the encoder's last norm when saved).
+    embedding_scale_start: float = 1.0
+    embedding_scale_ramp_steps: int = 0
+    decoder_lr_scale: float = 1.0  # lr multiplier of the prompt encoder and mask decoder
     precision: str = "bf16"
     seed: int = 0
 
@@ -199,6 +208,13 @@ def _check(config: TrainConfig) -> None:
     for key in ("steps", "batch_images", "grad_accum", "rounds"):
         if getattr(optim, key) < 1:
             raise SeganyError(f"optim.{key} must be at least 1")
+    if optim.geometric_warmup_steps < 0 or optim.embedding_scale_ramp_steps < 0:
+        raise SeganyError(
+            "optim.geometric_warmup_steps and embedding_scale_ramp_steps must be >= 0"
+        )
+    for key in ("geometric_embedding_scale", "embedding_scale_start", "decoder_lr_scale"):
+        if getattr(optim, key) <= 0:
+            raise SeganyError(f"optim.{key} must be positive")
     if config.data.masks_per_image < 1:
         raise SeganyError("data.masks_per_image must be at least 1")
     low, high = config.data.augment.scale_jitter

@@ -45,10 +45,12 @@ from .config import ModelSection, OptimSection, TrainConfig
 from .data_stream import SampleStream
 from .losses import sam_loss
 from .prompts import error_points, noisy_boxes, random_pixels, round_schedule
+from .warmup import embedding_scale, fold_embedding_scale, random_embedding, random_shape_masks
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
+GEOMETRIC_MASKS = 16  # shapes per random embedding in a geometric warm-up step
 
 
 # -- the model ----------------------------------------------------------------
@@ -144,7 +146,7 @@ def parameter_groups(model: Sam, optim: OptimSection) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        scale = 1.0
+        scale = optim.decoder_lr_scale
         if name.startswith("image_encoder."):
             scale = optim.layer_lr_decay ** (num_layers - ids[name.removeprefix("image_encoder.")])
         decay = 0.0 if _no_weight_decay(name, param) else optim.weight_decay
@@ -172,6 +174,8 @@ class InteractiveStep(nn.Module):
     foreground point or a noisy box, with equal chance per image), then rounds
     that add a click sampled from the previous error region, each feeding the
     previous low-res logits of the top-scoring output back as the mask prompt.
+    Without items (a geometric warm-up step, see segany.train.warmup) each "image" is a
+    random embedding with random shapes as its objects.
     Wrapped as a module so that DistributedDataParallel sees one forward per step.
     """
 
@@ -181,20 +185,36 @@ class InteractiveStep(nn.Module):
         self.optim = optim
 
     def forward(
-        self, items: list[TrainItem], generator: torch.Generator
+        self,
+        items: list[TrainItem] | None,
+        generator: torch.Generator,
+        embedding_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        device = self.sam.device
-        images = torch.stack([self.sam.preprocess(item.image.to(device).float()) for item in items])
-        embeddings = self.sam.image_encoder(images)
-        losses, parts = [], []
-        for index, item in enumerate(items):
-            loss, part = self._rounds(
-                embeddings[index : index + 1], item.masks.to(device), generator
+        if items is None:
+            pairs = self._geometric_batch(generator)
+        else:
+            device = self.sam.device
+            images = torch.stack(
+                [self.sam.preprocess(item.image.to(device).float()) for item in items]
             )
+            embeddings = self.sam.image_encoder(images) * embedding_scale
+            pairs = [(embeddings[i : i + 1], item.masks.to(device)) for i, item in enumerate(items)]
+        losses, parts = [], []
+        for embedding, masks in pairs:
+            loss, part = self._rounds(embedding, masks, generator)
             losses.append(loss)
             parts.append(part)
         summary = {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}
         return torch.stack(losses).mean(), summary
+
+    def _geometric_batch(
+        self, generator: torch.Generator
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # One random embedding a step: the decoder's cost is per prompt, the encoder's unused.
+        size = self.sam.image_encoder.img_size
+        embedding = random_embedding(self.sam, self.optim.geometric_embedding_scale, generator)
+        masks = random_shape_masks(GEOMETRIC_MASKS, size, generator).to(self.sam.device)
+        return [(embedding, masks)]
 
     def _rounds(
         self, embedding: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
@@ -374,7 +394,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     )
 
     trainable = [p for p in sam.parameters() if p.requires_grad]
-    batches = _batches(stream, start, config, world)
+    warmup_steps = config.optim.geometric_warmup_steps
+    batches = _batches(stream, max(start, warmup_steps), config, world)
     bar = tqdm(
         range(start, config.optim.steps),
         initial=start,
@@ -392,12 +413,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
             generator = _seed_everything(
                 config.optim.seed, step * config.optim.grad_accum + micro, world.rank
             )
-            items = next(batches)
+            items = next(batches) if step >= warmup_steps else None
             last = micro == config.optim.grad_accum - 1
             sync = step_module.no_sync() if world.world_size > 1 and not last else nullcontext()
             with sync:
                 with autocast:
-                    loss, parts = step_module(items, generator)
+                    loss, parts = step_module(items, generator, embedding_scale(config.optim, step))
                 (loss / config.optim.grad_accum).backward()
         if not math.isfinite(loss.item()):
             raise SeganyError(
@@ -435,6 +456,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
 
     model_path = output / MODEL_NAME
     if world.is_main:
+        fold_embedding_scale(sam, embedding_scale(config.optim, config.optim.steps - 1))
         save_model(sam.eval(), model_path, architecture)
         from .curves import plot_training_curves
 
