@@ -231,9 +231,11 @@ def test_decoder_lr_scale_applies_to_prompt_encoder_and_decoder_only() -> None:
     model = build_sam_from_config(TINY_CONFIG)
     groups = parameter_groups(model, OptimSection(lr=1e-3, decoder_lr_scale=0.25))
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    warmup_scale_of = {id(p): g["warmup_lr_scale"] for g in groups for p in g["params"]}
     for name, param in model.named_parameters():
         expected = 1.0 if name.startswith("image_encoder.") else 0.25
         assert scale_of[id(param)] == expected, name
+        assert warmup_scale_of[id(param)] == 1.0, name  # the warm-up trains the decoder fully
 
 
 def test_random_shape_masks_for_the_geometric_warm_up() -> None:

@@ -90,7 +90,7 @@ class OptimSection:
     # next embedding_scale_ramp_steps (folded into the encoder's last norm when saved).
     embedding_scale_start: float = 1.0
     embedding_scale_ramp_steps: int = 0
-    decoder_lr_scale: float = 1.0  # lr multiplier of the prompt encoder and mask decoder
+    decoder_lr_scale: float = 1.0  # their lr multiplier after the geometric warm-up
     precision: str = "bf16"
     seed: int = 0
 

@@ -140,20 +140,31 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def parameter_groups(model: Sam, optim: OptimSection) -> list[dict]:
-    """AdamW groups: layer-wise lr scale for the encoder, no weight decay on norms/embeddings."""
+    """AdamW groups: layer-wise lr scale for the encoder, no weight decay on norms/embeddings.
+
+    ``lr_scale`` multiplies the schedule's lr; during a geometric warm-up the prompt
+    encoder and decoder (the only parts trained then) use ``warmup_lr_scale`` = 1.
+    """
     ids, num_layers = encoder_layer_ids(model)
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        in_encoder = name.startswith("image_encoder.")
         scale = optim.decoder_lr_scale
-        if name.startswith("image_encoder."):
+        if in_encoder:
             scale = optim.layer_lr_decay ** (num_layers - ids[name.removeprefix("image_encoder.")])
         decay = 0.0 if _no_weight_decay(name, param) else optim.weight_decay
-        groups.setdefault((scale, decay), []).append(param)
+        groups.setdefault((in_encoder, scale, decay), []).append(param)
     return [
-        {"params": params, "lr_scale": scale, "weight_decay": decay, "lr": optim.lr * scale}
-        for (scale, decay), params in groups.items()
+        {
+            "params": params,
+            "lr_scale": scale,
+            "warmup_lr_scale": scale if in_encoder else 1.0,
+            "weight_decay": decay,
+            "lr": optim.lr * scale,
+        }
+        for (in_encoder, scale, decay), params in groups.items()
     ]
 
 
@@ -407,8 +418,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     window: list[dict[str, float]] = []
     tick = time.perf_counter()
     for step in bar:
+        scale_key = "warmup_lr_scale" if step < warmup_steps else "lr_scale"
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config.optim, step) * group["lr_scale"]
+            group["lr"] = learning_rate(config.optim, step) * group[scale_key]
         for micro in range(config.optim.grad_accum):
             generator = _seed_everything(
                 config.optim.seed, step * config.optim.grad_accum + micro, world.rank
