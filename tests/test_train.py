@@ -15,6 +15,7 @@ import yaml
 from reference import randomize_
 
 from segany.build import build_sam_from_config, config_from_dict, load_model, save_model
+from segany.checkpoint import load_checkpoint
 from segany.train import load_config, train
 from segany.train.data_stream import SampleStream
 from segany.train.trainer import InteractiveStep, build_training_model
@@ -126,6 +127,11 @@ def test_resume_continues_bit_for_bit(tmp_path: Path, shared_data: Path, changes
         for line in (second_half.output / "metrics.jsonl").read_text().splitlines()
     ]
     assert logged == [1, 2, 3, 5]  # the stop at 3 logged its last step; nothing twice
+    # The training checkpoint loads as the model it holds (embedding scale folded in).
+    from_checkpoint = build_sam_from_config(config_from_dict(TINY_HYBRID))
+    load_checkpoint(from_checkpoint, second_half.output / "checkpoint.pt", "custom")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(from_checkpoint.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("architecture", [TINY_VIT, TINY_HYBRID], ids=["vit", "hybrid"])

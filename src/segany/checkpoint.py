@@ -69,12 +69,25 @@ def _read_raw(path: Path) -> Mapping[str, object]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# The last norm of the image encoder's neck, where a training run's embedding scale folds in.
+NECK_NORM_KEYS = ("image_encoder.neck.3.weight", "image_encoder.neck.3.bias")
+
+
 def _unwrap(obj: object) -> Mapping[str, object]:
-    """Training checkpoints keep the weights under 'model' or 'state_dict'."""
+    """Training checkpoints keep the weights under 'model' or 'state_dict'.
+
+    A segany training checkpoint taken while the image embedding was scaled (see
+    segany.train.warmup) records that ``embedding_scale``; it is folded in here, so the
+    weights give the model as trained at that step.
+    """
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
-                return obj[key]
+                state = obj[key]
+                scale = obj.get("embedding_scale", 1.0)
+                if isinstance(scale, float) and scale != 1.0:
+                    state = {k: v * scale if k in NECK_NORM_KEYS else v for k, v in state.items()}
+                return state
         return obj
     raise SeganyError("checkpoint does not hold a state dict")
 

@@ -320,8 +320,16 @@ def _seed_everything(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(prompt_seed) >> 1)
 
 
-def _save_checkpoint(path: Path, sam: Sam, optimizer: torch.optim.Optimizer, step: int) -> None:
-    state = {"model": sam.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+def _save_checkpoint(
+    path: Path, sam: Sam, optimizer: torch.optim.Optimizer, step: int, optim: OptimSection
+) -> None:
+    # The weights stay unscaled (a resumed run needs them so); loaders fold embedding_scale.
+    state = {
+        "model": sam.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "embedding_scale": embedding_scale(optim, step - 1),
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -464,7 +472,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
             )
             window, tick = [], time.perf_counter()
         if world.is_main and (done % config.checkpoint_every == 0 or done == config.optim.steps):
-            _save_checkpoint(output / CHECKPOINT_NAME, sam, optimizer, done)
+            _save_checkpoint(output / CHECKPOINT_NAME, sam, optimizer, done, config.optim)
 
     model_path = output / MODEL_NAME
     if world.is_main:
