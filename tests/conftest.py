@@ -21,3 +21,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real data not found at {SHARED_DATA}; clone next to shared/")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A MobileSAM-format checkpoint with random weights (architecture detected from it)."""
+    from reference import build_mobile_sam, randomize_
+
+    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam_random.pt"
+    torch.save(randomize_(build_mobile_sam(), seed=5).state_dict(), path)
+    return path

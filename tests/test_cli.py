@@ -10,23 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from reference import build_mobile_sam, randomize_
 
 from segany import SamPredictor
 from segany.build import load_model
 from segany.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A MobileSAM-format checkpoint with random weights (architecture detected from it)."""
-    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam_random.pt"
-    torch.save(randomize_(build_mobile_sam(), seed=5).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

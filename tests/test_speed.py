@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from reference import build_mobile_sam, make_model_pair, randomize_
+from reference import make_model_pair
 
 from segany import SamAutomaticMaskGenerator, SamPredictor, SeganyError
 from segany import predictor as predictor_module
@@ -296,13 +296,6 @@ def test_compile_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch
 # -------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam_random.pt"
-    torch.save(randomize_(build_mobile_sam(), seed=5).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

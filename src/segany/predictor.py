@@ -19,7 +19,14 @@ import torch
 
 from .compilation import compiled
 from .errors import SeganyError
-from .inputs import ArrayLike, as_float_array, check_boxes, check_mask_input, check_points
+from .inputs import (
+    ArrayLike,
+    as_float_array,
+    check_boxes,
+    check_image,
+    check_mask_input,
+    check_points,
+)
 from .modeling import Sam
 from .modeling.prompt_encoder import NOT_A_POINT
 from .precision import resolve_precision
@@ -69,21 +76,8 @@ class SamPredictor:
 
     def _prepare(self, image: np.ndarray, image_format: str) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, h, w) float tensor in the resized frame, RGB."""
-        if image_format not in ("RGB", "BGR"):
-            raise SeganyError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            shape = getattr(image, "shape", None)
-            raise SeganyError(
-                f"image must be an (H, W, 3) array, got shape {shape}; "
-                "use segany.images.read_image to load a file"
-            )
-        if image.dtype != np.uint8:
-            raise SeganyError(f"image must be uint8 (0-255), got {image.dtype}")
-        if min(image.shape[:2]) == 0:
-            raise SeganyError("image is empty (zero height or width)")
-        if image_format != self.model.image_format:
-            image = image[..., ::-1]
-        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        image = check_image(image, image_format, self.model.image_format)
+        resized = self.transform.apply_image(image)
         return torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
