@@ -159,3 +159,55 @@ def test_console_script_runs_without_traceback(tmp_path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip() == f"segany segment: error: image not found: {tmp_path / 'none.png'}"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_weights_convert(tmp_path, checkpoint, capsys, dtype: str) -> None:
+    import torch
+
+    out = tmp_path / "converted.safetensors"
+    assert main(["weights", "convert", str(checkpoint), "-o", str(out), "--dtype", dtype]) == 0
+    original = torch.load(checkpoint, weights_only=True)
+    converted = load_model(checkpoint=out).state_dict()  # architecture read from the file
+    # MobileSAM's file also holds TinyViT's unused classifier head, which SAM drops.
+    assert set(converted) == {
+        k
+        for k in original
+        if not k.startswith("image_encoder.head") and not k.startswith("image_encoder.norm_head")
+    }
+    for key, tensor in converted.items():
+        expected = original[key]
+        if dtype == "fp16" and expected.is_floating_point():
+            expected = expected.half().float()
+        assert torch.equal(tensor, expected), key
+    original_bytes = sum(t.numel() * t.element_size() for t in converted.values())
+    expected_bytes = original_bytes / 2 if dtype == "fp16" else original_bytes
+    assert abs(out.stat().st_size - expected_bytes) < 0.02 * original_bytes
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "message"),
+    [
+        ("w.pt", [], "must end in .safetensors"),
+        ("exists.safetensors", [], "exists; pass --overwrite"),
+        ("w.safetensors", ["--model", "vit_q"], "unknown model 'vit_q'"),
+    ],
+)
+def test_weights_convert_bad_input(
+    tmp_path, checkpoint, capsys, output: str, extra: list[str], message: str
+) -> None:
+    (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    code = main(["weights", "convert", str(checkpoint), "-o", str(tmp_path / output), *extra])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1], err
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
+    assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w.safetensors").exists()
+
+
+def test_weights_convert_missing_checkpoint(tmp_path, capsys) -> None:
+    out = tmp_path / "w.safetensors"
+    assert main(["weights", "convert", str(tmp_path / "none.pth"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint not found" in err[0], err
+    assert not out.exists()

@@ -290,20 +290,30 @@ def load_model(
     Meta's and MobileSAM's models without a checkpoint use their official weights,
     downloaded into the cache on first use (see ``segany weights``).
     """
+    return load_model_and_config(name, checkpoint, device)[0]
+
+
+def load_model_and_config(
+    name: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+) -> tuple[Sam, SamConfig]:
+    """:func:`load_model` and the architecture it built (to save the model again)."""
     target = resolve_device(device)
     if checkpoint is None:
         name = name or "default"
-        _resolve(name)
+        config = _resolve(name)[1]
         official = official_weights_for(name)
         if official is None:
-            return build_sam(name).to(target)
+            return build_sam(name).to(target), config
         checkpoint = weights.download(official.name)
     state = read_state_dict(checkpoint)
     stored = read_metadata(checkpoint).get(CONFIG_METADATA_KEY)
     if name is None and stored is not None:
-        model = build_sam_from_config(config_from_dict(json.loads(stored)))
+        config = config_from_dict(json.loads(stored))
+        model = build_sam_from_config(config)
         load_state_dict_into(model, state, str(checkpoint), "the checkpoint's own config")
-        return model.to(target)
+        return model.to(target), config
     if name is None:
         name = detect_model_type(state)
         if name is None:
@@ -311,9 +321,10 @@ def load_model(
                 f"cannot tell which model {checkpoint} is for; name it with --model "
                 f"({', '.join(MODEL_CONFIGS)})"
             )
-    model = build_sam_from_config(_resolve(name)[1])
+    config = _resolve(name)[1]
+    model = build_sam_from_config(config)
     load_state_dict_into(model, state, str(checkpoint), name)
-    return model.to(target)
+    return model.to(target), config
 
 
 def official_weights_for(name: str) -> weights.WeightsInfo | None:
@@ -321,7 +332,12 @@ def official_weights_for(name: str) -> weights.WeightsInfo | None:
     return next((w for w in weights.WEIGHTS.values() if w.model_type == name), None)
 
 
-def save_model(model: Sam, path: str | Path, config: SamConfig) -> Path:
-    """Save weights as safetensors with ``config`` inside, so every tool can load them."""
+def save_model(
+    model: Sam, path: str | Path, config: SamConfig, dtype: torch.dtype | None = None
+) -> Path:
+    """Save weights as safetensors with ``config`` inside, so every tool can load them.
+
+    ``dtype`` stores the floating-point weights in another type (see :func:`save_weights`).
+    """
     metadata = {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))}
-    return save_weights(model, path, metadata)
+    return save_weights(model, path, metadata, dtype)

@@ -215,11 +215,29 @@ def load_checkpoint(
 
 
 def save_weights(
-    model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None
+    model: nn.Module,
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Save ``model``'s weights as safetensors, atomically."""
+    """Save ``model``'s weights as safetensors, atomically.
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type, half
+    the file for shipping; loading casts them back to the model's type. Integer
+    buffers (BatchNorm's step counters) keep theirs.
+    """
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: _stored(v.detach().cpu(), dtype).contiguous() for k, v in model.state_dict().items()
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "segany", **(metadata or {})})
     return path
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    if dtype == torch.float16 and tensor.abs().max() > torch.finfo(torch.float16).max:
+        raise SeganyError("a weight is too large for fp16; store the model as fp32 or bf16")
+    return tensor.to(dtype)

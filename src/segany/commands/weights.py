@@ -1,10 +1,15 @@
-"""``segany weights``: list, download and locate official checkpoints."""
+"""``segany weights``: list, download and locate official checkpoints; convert any
+checkpoint to segany safetensors."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .. import weights as store
+from ..errors import SeganyError
+
+STORED_DTYPES = ("fp32", "fp16", "bf16")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +27,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     path = actions.add_parser("path", help="print where a checkpoint is (or would be) stored")
     path.add_argument("name", metavar="NAME")
+    convert = actions.add_parser(
+        "convert",
+        help="save any checkpoint as segany safetensors (architecture inside, optionally fp16)",
+        description="Read an official .pth, MobileSAM .pt, Hugging Face or segany checkpoint "
+        "(or a training checkpoint.pt) and write a .safetensors file that every segany tool "
+        "loads without --model. fp16 halves the file; loading casts the weights back.",
+    )
+    convert.add_argument("checkpoint", metavar="CHECKPOINT")
+    convert.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    convert.add_argument("--model", metavar="NAME", help="architecture, when the file lacks it")
+    convert.add_argument("--dtype", choices=STORED_DTYPES, default="fp32")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(run=run)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..build import load_model_and_config, save_model
+
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise SeganyError(f"{output}: the output must end in .safetensors")
+    if output.exists() and not args.overwrite:
+        raise SeganyError(f"{output} exists; pass --overwrite to replace it")
+    model, config = load_model_and_config(args.model, args.checkpoint, "cpu")
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    save_model(model, output, config, dtype)
+    print(f"{output} ({output.stat().st_size / 1e6:.1f} MB, {args.dtype})")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "download":
         print(store.download(args.name, force=args.force, progress=not args.quiet))
         return 0
+    if args.action == "convert":
+        return _convert(args)
     store.get_info(args.name)  # unknown names are an error here too
     print(store.weights_path(args.name))
     return 0 if store.is_downloaded(args.name) else 1
