@@ -568,3 +568,16 @@ def test_onnx_extra_installs_and_predicts_without_torch(
     masks, scores, _ = predictors(tiny_pair[0], tiny_dir)[0].predict(**PROMPTS["points and box"])
     assert _iou(got["masks"], masks) > 0.999
     np.testing.assert_allclose(got["scores"], scores, atol=1e-3)
+    # The command line needs torch: one line saying what to install, exit code 2.
+    cli = subprocess.run(
+        [str(venv / "bin" / "segany"), "segment", "photo.jpg", "--point", "1,1", "-o", "m.png"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert cli.returncode == 2
+    assert cli.stderr.strip().splitlines() == [
+        "segany: error: the command line needs PyTorch, which is not installed: "
+        "pip install 'segany[torch]' (the 'onnx' extra alone gives segany.OnnxSamPredictor "
+        "in Python)"
+    ]

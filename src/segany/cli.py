@@ -8,20 +8,25 @@ import warnings
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import engine, everything, export, segment, serve, train, weights
-from .commands import eval as eval_command
 from .errors import SeganyError
 
-COMMANDS = (segment, everything, weights, train, eval_command, export, serve, engine)
+NEEDS_TORCH = (
+    "segany: error: the command line needs PyTorch, which is not installed: "
+    "pip install 'segany[torch]' (the 'onnx' extra alone gives segany.OnnxSamPredictor in Python)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here: an ONNX-only install has no torch, and main() says so in one line.
+    from .commands import engine, everything, export, segment, serve, train, weights
+    from .commands import eval as eval_command
+
     parser = argparse.ArgumentParser(
         prog="segany", description="Segment Anything: interactive masks, automatic masks and tools."
     )
     parser.add_argument("--version", action="version", version=f"segany {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in (segment, everything, weights, train, eval_command, export, serve, engine):
         command.add_parser(subparsers)
     return parser
 
@@ -32,7 +37,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; bad input ends with one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        print(NEEDS_TORCH, file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warning
     try:
         return int(args.run(args))
