@@ -3,7 +3,8 @@
     python benchmarks/bench_default_model.py [--checkpoint FILE] [--limit N] [--threads 2]
 
 Prints the latency (fp32 and bf16) of the image embedding, of the decoder alone (prompt
-encoder + mask decoder, low-res masks) and of a whole ``predict`` (three masks at
+encoder + mask decoder, low-res masks) for one prompt set and per set when 16 share a
+call (as in the automatic mask generator), and of a whole ``predict`` (three masks at
 640x480), then, on the validation stems of ../shared/data/splits.json, box-prompt mIoU
 beside OpenCV GrabCut from the same boxes and mIoU after 1 and 5 clicks on coco-mval,
 and box mIoU on dsb2018, with the issue's floors.
@@ -34,6 +35,9 @@ FLOORS = {
 }
 
 
+BATCH = 16  # prompt sets per call for the batched decoder timing
+
+
 def _milliseconds(run: Callable[[], object], repeats: int) -> float:
     run()
     times = []
@@ -55,6 +59,8 @@ def latency(model: torch.nn.Module, repeats: int) -> dict[str, float]:
     image_pe = model.prompt_encoder.get_dense_pe()
     coords = torch.as_tensor(points * (size / 640), dtype=torch.float)[None]
     point_labels = torch.as_tensor(labels, dtype=torch.int)[None]
+    batch_coords = coords[:, :1].expand(BATCH, 1, 2) * torch.rand(BATCH, 1, 1) * 2
+    batch_labels = point_labels[:, :1].expand(BATCH, 1)
     results = {}
     for precision in ("fp32", "bf16"):
         bf16 = precision == "bf16"
@@ -68,12 +74,21 @@ def latency(model: torch.nn.Module, repeats: int) -> dict[str, float]:
                 sparse, dense = model.prompt_encoder((coords, point_labels), None, None)
                 return model.mask_decoder(embedding, image_pe, sparse, dense, True)
 
+        def decode_batch(bf16: bool = bf16) -> object:
+            # The automatic generator's way: many prompt sets share one embedding.
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                sparse, dense = model.prompt_encoder((batch_coords, batch_labels), None, None)
+                return model.mask_decoder(embedding, image_pe, sparse, dense, True)
+
         def predict(bf16: bool = bf16) -> object:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 return predictor.predict(points, labels, multimask_output=True)
 
         results[f"embedding_ms_{precision}"] = _milliseconds(encode, repeats)
         results[f"decoder_ms_{precision}"] = _milliseconds(decode, repeats)
+        results[f"decoder_ms_per_set_of_{BATCH}_{precision}"] = (
+            _milliseconds(decode_batch, repeats) / BATCH
+        )
         results[f"predict_ms_{precision}"] = _milliseconds(predict, repeats)
     return results
 
@@ -143,7 +158,7 @@ def main() -> None:
 
     report: dict[str, object] = {"latency": latency(model, args.repeats)}
     for key, value in report["latency"].items():
-        print(f"{key:<22} {value:8.1f}")
+        print(f"{key:<32} {value:8.1f}")
     if not args.skip_quality:
         for name in ("coco-mval", "dsb2018"):
             scores = quality(model, name, args.limit)

@@ -2,12 +2,12 @@
 
     python docs/make_screenshot.py --model vit_b             # the model segments the cat
     python docs/make_screenshot.py --checkpoint FILE         # same, with a weights file
-    python docs/make_screenshot.py                           # no trained weights at hand
+    python docs/make_screenshot.py                           # the reference mask, no model
 
 With a model, the cat is segmented from one click, named and saved through the page, and a
-second click leaves a live candidate on the laptop. Without one (the bundled ``default``
-model has no trained weights yet), the COCO-MVal reference mask of the cat is saved through
-the API instead, so the picture shows the tool, not the model's quality.
+second click leaves a live candidate on the laptop. Without one, the COCO-MVal reference
+mask of the cat is saved through the API instead, so the picture shows the tool, not a
+model's quality.
 
 The photo comes from ``../shared/data/coco-mval`` (COCO val2017, not part of this
 repository); only the rendering is kept. Needs Chromium (``apt-get install chromium``) and

@@ -27,7 +27,7 @@ import pytest
 import torch
 from reference import CONFIGS, make_model_pair, randomize_
 
-from segany import SamPredictor, SeganyError, onnx_export
+from segany import SamPredictor, SeganyError, onnx_export, sam_model_registry
 from segany.build import build_sam_from_config, save_model
 from segany.cli import main
 from segany.onnx_export import export_decoder, export_onnx, quantize
@@ -115,9 +115,18 @@ def vit_t_dir(vit_t_pair, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_model() -> torch.nn.Module:
-    """The ``default`` architecture (BatchNorm, SDPA, GELU; 512 px) with random weights."""
+    """The ``default`` architecture (BatchNorm, ReLU6, space-to-depth; 512 px) with random
+    weights."""
     torch.manual_seed(0)
     return randomize_(build_sam_from_config(CONFIGS["default"]), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def bundled_dir(tmp_path_factory) -> Path:
+    """The bundled, trained ``default`` model exported."""
+    out = tmp_path_factory.mktemp("bundled-onnx")
+    export_onnx(sam_model_registry["default"]().eval(), out, model_name="default")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -401,14 +410,19 @@ def test_predictor_needs_an_export_folder(tmp_path, tiny_dir) -> None:
 # -------------------------------------------------------------------------------------
 
 
-def _quantized_ious(full_dir: Path, quantized_dir: Path) -> list[float]:
+def _quantized_ious(
+    full_dir: Path,
+    quantized_dir: Path,
+    image: np.ndarray | None = None,
+    prompts: tuple[str, ...] = ("points", "box", "points and box"),
+) -> list[float]:
     """Mask IoUs between a float32 and a quantised export on non-degenerate masks."""
-    image = _image()
+    image = _image() if image is None else image
     full, quantized = OnnxSamPredictor(full_dir), OnnxSamPredictor(quantized_dir)
     full.set_image(image)
     quantized.set_image(image)
     ious = []
-    for prompt in ("points", "box", "points and box"):
+    for prompt in prompts:
         masks, _, _ = full.predict(**PROMPTS[prompt])
         quantized_masks, _, _ = quantized.predict(**PROMPTS[prompt])
         assert all(0.02 < m.mean() < 0.98 for m in masks)  # non-degenerate
@@ -429,14 +443,17 @@ def test_quantized_export(tiny_checkpoint, tiny_dir, tmp_path, capsys) -> None:
     assert min(ious) > 0.9, ious
 
 
-def test_quantized_default_architecture(default_dir, tmp_path) -> None:
-    """Per-channel scales keep the conv encoder with folded batch norms usable (measured
-    min IoU 0.96; one scale per tensor gave 0.3-0.6)."""
+def test_quantized_default_model(bundled_dir, tmp_path) -> None:
+    """Per-channel scales keep the trained conv encoder (batch norms folded) usable: the
+    cat in the demo photo from a box, uint8 against float32 weights (measured IoU 0.86-0.95,
+    mean 0.91; the ViT models lose less)."""
+    from skimage import data
+
     for name in ("encoder.onnx", "decoder.onnx"):
-        quantize(default_dir / name, tmp_path / name)
-    shutil.copy(default_dir / "model.json", tmp_path)
-    ious = _quantized_ious(default_dir, tmp_path)
-    assert min(ious) > 0.9, ious
+        quantize(bundled_dir / name, tmp_path / name)
+    shutil.copy(bundled_dir / "model.json", tmp_path)
+    ious = _quantized_ious(bundled_dir, tmp_path, data.chelsea(), ("box", "points and box"))
+    assert min(ious) > 0.8 and np.mean(ious) > 0.88, ious
 
 
 # -------------------------------------------------------------------------------------

@@ -245,3 +245,29 @@ def test_random_shape_masks_for_the_geometric_warm_up() -> None:
     again = random_shape_masks(5, 64, torch.Generator().manual_seed(0))
     assert masks.shape == (5, 64, 64) and masks.dtype == torch.bool
     assert torch.equal(masks, again) and (masks.flatten(1).sum(1) >= 40).all()
+
+
+@pytest.mark.parametrize(("box_probability", "first_round"), [(0.0, [True]), (1.0, [False])])
+def test_first_round_multimask_only_for_a_single_click(box_probability, first_round) -> None:
+    """SAM's recipe: a lone click is ambiguous (three outputs, the best one trained); a box
+    is answered with the single output, as ``predict(box=...)`` is at inference."""
+    from segany.train.trainer import InteractiveStep
+
+    model = build_sam_from_config(TINY_CONFIG)
+    calls: list[bool] = []
+    decode = model.mask_decoder.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["multimask_output"])
+        return decode(*args, **kwargs)
+
+    model.mask_decoder.forward = spy
+    size = TINY_CONFIG.img_size
+    masks = torch.zeros(2, size, size, dtype=torch.bool)
+    masks[0, size // 8 : size // 2, size // 4 : size // 2] = True
+    masks[1, size // 2 : size - 8, 8 : size // 3] = True
+    optim = OptimSection(rounds=3, rounds_without_click=0, box_probability=box_probability)
+    step = InteractiveStep(model, optim)
+    embedding = torch.randn(1, 256, TINY_CONFIG.embedding_size, TINY_CONFIG.embedding_size)
+    step._rounds(embedding, masks, torch.Generator().manual_seed(0))
+    assert calls == [*first_round, False, False]

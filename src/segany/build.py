@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .errors import SeganyError
 from .modeling import (
+    EfficientEncoder,
     HybridEncoder,
     ImageEncoderViT,
     MaskDecoder,
@@ -37,6 +38,7 @@ from .modeling import (
     TinyViT,
     TwoWayTransformer,
 )
+from .modeling.efficient_encoder import LITE0_STAGES
 
 BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "pretrained"
 
@@ -118,7 +120,22 @@ class HybridEncoderConfig:
         )
 
 
-EncoderConfig = ViTEncoderConfig | TinyViTEncoderConfig | HybridEncoderConfig
+@dataclass(frozen=True)
+class EfficientEncoderConfig:
+    """EfficientNet-Lite backbone fused at 1/16 (see :class:`~segany.modeling.EfficientEncoder`).
+
+    ``stages``: (expansion, kernel, stride, out channels, blocks) per stage.
+    """
+
+    stages: tuple[tuple[int, int, int, int, int], ...] = LITE0_STAGES
+
+    def build(self, img_size: int, out_chans: int) -> nn.Module:
+        return EfficientEncoder(img_size=img_size, stages=self.stages, out_chans=out_chans)
+
+
+EncoderConfig = (
+    ViTEncoderConfig | TinyViTEncoderConfig | HybridEncoderConfig | EfficientEncoderConfig
+)
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,7 @@ _ENCODER_TYPES: dict[str, type] = {
     "vit": ViTEncoderConfig,
     "tiny_vit": TinyViTEncoderConfig,
     "hybrid": HybridEncoderConfig,
+    "efficient": EfficientEncoderConfig,
 }
 CONFIG_METADATA_KEY = "segany_config"
 
@@ -159,13 +177,18 @@ def config_to_dict(config: SamConfig) -> dict[str, Any]:
     return data
 
 
+def _tuples(value: Any) -> Any:
+    """JSON/YAML lists back into the (nested) tuples of the frozen configs."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def config_from_dict(data: Mapping[str, Any]) -> SamConfig:
     """Build a :class:`SamConfig` from a mapping such as a YAML ``model.config`` section."""
     try:
         fields = dict(data)
         encoder = dict(fields.pop("encoder"))
         encoder_type = _ENCODER_TYPES[encoder.pop("type")]
-        encoder = {k: tuple(v) if isinstance(v, list) else v for k, v in encoder.items()}
+        encoder = {k: _tuples(v) for k, v in encoder.items()}
         return SamConfig(encoder=encoder_type(**encoder), **fields)
     except (KeyError, TypeError) as error:
         kinds = ", ".join(_ENCODER_TYPES)
@@ -181,7 +204,9 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
     "vit_b": SamConfig(ViTEncoderConfig(768, 12, 12, (2, 5, 8, 11))),
     "vit_t": SamConfig(TinyViTEncoderConfig()),
     # The project's own small model; weights ship in the package (segany/pretrained/).
-    "default": SamConfig(HybridEncoderConfig(), img_size=512, weights_file="default.safetensors"),
+    "default": SamConfig(
+        EfficientEncoderConfig(), img_size=512, weights_file="default.safetensors"
+    ),
 }
 
 

@@ -151,7 +151,7 @@ def detect_model_type(state: Mapping[str, torch.Tensor]) -> str | None:
     """Registry name whose architecture matches ``state`` (None when none does)."""
     if any(k.startswith("image_encoder.layers.") for k in state):
         return "vit_t"
-    if any(k.startswith("image_encoder.stages.") for k in state):
+    if any(k.startswith("image_encoder.blocks.") and ".depthwise." in k for k in state):
         return "default"
     pos = state.get("image_encoder.pos_embed")
     if pos is None:

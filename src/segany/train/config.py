@@ -40,6 +40,10 @@ class ModelSection:
     name: str | None = "vit_t"  # registry architecture, or None with ``config``
     config: dict[str, Any] | None = None  # a custom SamConfig (see segany.build.config_from_dict)
     checkpoint: Path | None = None  # start from these weights (fine-tuning)
+    # The encoder's backbone from an ImageNet classifier: "imagenet" (EfficientNet-Lite0
+    # from the segany[train] extra) or a classifier .pth; as SAM's ViT starts from MAE.
+    encoder_init: str | None = None
+    decoder_checkpoint: Path | None = None  # prompt encoder + mask decoder from this file
     freeze: str = "none"  # none | encoder | partial
     trainable_blocks: int = 0  # with freeze=partial: how many last encoder blocks train
     drop_path: float = 0.0

@@ -43,6 +43,7 @@ from ..modeling.common import DropPath
 from .augment import TrainItem
 from .config import ModelSection, OptimSection, TrainConfig
 from .data_stream import SampleStream
+from .init import load_decoder_checkpoint, load_encoder_init
 from .losses import sam_loss
 from .prompts import error_points, noisy_boxes, random_pixels, round_schedule
 from .warmup import embedding_scale, fold_embedding_scale, random_embedding, random_shape_masks
@@ -267,7 +268,10 @@ class InteractiveStep(nn.Module):
                 image_pe=prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
-                multimask_output=round_index == 0,  # one prompt is ambiguous: three outputs
+                # A single click is ambiguous: three outputs, the best one trained. A box
+                # (two corner points, as in SAM 2's recipe) or several prompts: the single
+                # output, which is what a box is answered with at inference.
+                multimask_output=round_index == 0 and not use_box,
             )
             loss, parts, _ = sam_loss(
                 logits,
@@ -374,6 +378,10 @@ def build_training_model(config: TrainConfig) -> tuple[SamConfig, Sam]:
     sam = build_sam_from_config(architecture)
     if config.model.checkpoint is not None:
         load_checkpoint(sam, config.model.checkpoint, model_name=config.model.name or "custom")
+    if config.model.encoder_init is not None:
+        load_encoder_init(sam, config.model.encoder_init)
+    if config.model.decoder_checkpoint is not None:
+        load_decoder_checkpoint(sam, config.model.decoder_checkpoint)
     apply_freeze(sam, config.model)
     set_drop_path(sam, config.model.drop_path)
     return architecture, sam

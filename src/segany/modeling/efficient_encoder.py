@@ -1,0 +1,161 @@
+"""A mobile CNN image encoder for CPUs (segany's ``default`` model).
+
+Input (B, 3, S, S) normalised image; output (B, out_chans, S/16, S/16) embedding,
+the contract of SAM's image encoders, so SAM's prompt encoder and mask decoder
+work unchanged on top of it.
+
+The backbone has EfficientNet-Lite's layout (Tan & Le 2019; inverted residuals with
+ReLU6 and no squeeze-excitation, which keeps it quantisation- and CPU-friendly), so it
+can start from ImageNet weights (see :func:`imagenet_state_dict`), as SAM's ViT starts
+from MAE. SAM's decoder sees only the 1/16 embedding, so the encoder brings the finer
+stages down to 1/16 by space-to-depth (no detail is averaged away) and the coarse 1/32
+stages up to it, and SAM's neck mixes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import DropPath, sam_neck
+
+# EfficientNet-Lite0's stages: (expansion, kernel, stride, out channels, blocks).
+LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+STEM_CHANNELS = 32
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) + BatchNorm2d + optional ReLU6."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: bool = True,
+    ) -> None:
+        super().__init__(
+            nn.Conv2d(in_chans, out_chans, kernel, stride, kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(out_chans, eps=1e-3),
+        )
+        if act:
+            self.append(nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand (unless expansion is 1), depthwise k x k, 1x1 project (+ input)."""
+
+    def __init__(
+        self, in_chans: int, out_chans: int, expand: int, kernel: int, stride: int
+    ) -> None:
+        super().__init__()
+        hidden = in_chans * expand
+        self.expand = ConvBNAct(in_chans, hidden) if expand != 1 else nn.Identity()
+        self.depthwise = ConvBNAct(hidden, hidden, kernel, stride, groups=hidden)
+        self.project = ConvBNAct(hidden, out_chans, act=False)
+        self.residual = stride == 1 and in_chans == out_chans
+        self.drop_path = DropPath(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + self.drop_path(out) if self.residual else out
+
+
+class EfficientEncoder(nn.Module):
+    """EfficientNet-Lite backbone, its 1/4 to 1/32 features fused at 1/16, SAM's neck.
+
+    Args:
+        img_size: side of the square input (the embedding is img_size / 16).
+        stages: (expansion, kernel, stride, out channels, blocks) per stage.
+        out_chans: channels of the embedding.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 512,
+        stages: tuple[tuple[int, int, int, int, int], ...] = LITE0_STAGES,
+        out_chans: int = 256,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.stem = ConvBNAct(3, STEM_CHANNELS, 3, stride=2)
+        blocks: list[nn.Module] = []
+        # Indexes of the last block at each stride, whose outputs are fused.
+        self.taps: dict[int, int] = {}
+        in_chans, stride_so_far = STEM_CHANNELS, 2
+        tap_chans: dict[int, int] = {}
+        for expand, kernel, stride, out, repeats in stages:
+            for index in range(repeats):
+                step = stride if index == 0 else 1
+                blocks.append(InvertedResidual(in_chans, out, expand, kernel, step))
+                in_chans = out
+                stride_so_far *= step
+                self.taps[stride_so_far] = len(blocks) - 1
+                tap_chans[stride_so_far] = out
+        self.blocks = nn.ModuleList(blocks)
+        self.taps = {s: i for s, i in self.taps.items() if s >= 4}
+        # Space-to-depth at 1/4 and 1/8 (x16, x4 channels), 1/32 upsampled to 1/16.
+        fused = sum(
+            chans * (16 // stride) ** 2 if stride < 16 else chans
+            for stride, chans in tap_chans.items()
+            if stride >= 4
+        )
+        self.neck = sam_neck(fused, out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        taps = {index: stride for stride, index in self.taps.items()}
+        features = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            stride = taps.get(index)
+            if stride is None:
+                continue
+            if stride < 16:
+                features.append(F.pixel_unshuffle(x, 16 // stride))
+            elif stride == 16:
+                features.append(x)
+            else:
+                features.append(F.interpolate(x, scale_factor=stride // 16, mode="nearest"))
+        return self.neck(torch.cat(features, dim=1))
+
+
+def imagenet_state_dict(classifier: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an EfficientNet-Lite ImageNet classifier's weights onto :class:`EfficientEncoder`.
+
+    ``classifier`` has the key layout of the ``efficientnet_lite_pytorch`` port
+    (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ...); its head and fc
+    layer are dropped. The result holds the stem and blocks only (not the neck).
+    """
+    names = {
+        "_conv_stem": "stem.0",
+        "_bn0": "stem.1",
+        "_expand_conv": "expand.0",
+        "_bn0_block": "expand.1",
+        "_depthwise_conv": "depthwise.0",
+        "_bn1": "depthwise.1",
+        "_project_conv": "project.0",
+        "_bn2": "project.1",
+    }
+    mapped = {}
+    for key, tensor in classifier.items():
+        parts = key.split(".")
+        if parts[0] in ("_conv_stem", "_bn0"):
+            mapped[".".join([names[parts[0]], *parts[1:]])] = tensor
+        elif parts[0] == "_blocks":
+            layer = "_bn0_block" if parts[2] == "_bn0" else parts[2]
+            mapped[".".join(["blocks", parts[1], names[layer], *parts[3:]])] = tensor
+    return mapped
