@@ -22,6 +22,27 @@ class LayerNorm2d(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+class ConvNormAct(nn.Sequential):
+    """Conv2d (no bias) + BatchNorm2d + an optional activation (state keys 0, 1)."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: type[nn.Module] | None = nn.GELU,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__(
+            nn.Conv2d(in_chans, out_chans, kernel, stride, kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(out_chans, eps=eps),
+        )
+        if act is not None:
+            self.append(act())
+
+
 def sam_neck(in_chans: int, out_chans: int) -> nn.Sequential:
     """SAM's neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (state keys neck.0-3)."""
     return nn.Sequential(

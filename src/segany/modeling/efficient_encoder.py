@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import DropPath, sam_neck
+from .common import ConvNormAct, DropPath, sam_neck
 
 # EfficientNet-Lite0's stages: (expansion, kernel, stride, out channels, blocks).
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -35,24 +35,11 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
 STEM_CHANNELS = 32
 
 
-class ConvBNAct(nn.Sequential):
-    """Conv2d (no bias) + BatchNorm2d + optional ReLU6."""
-
-    def __init__(
-        self,
-        in_chans: int,
-        out_chans: int,
-        kernel: int = 1,
-        stride: int = 1,
-        groups: int = 1,
-        act: bool = True,
-    ) -> None:
-        super().__init__(
-            nn.Conv2d(in_chans, out_chans, kernel, stride, kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(out_chans, eps=1e-3),
-        )
-        if act:
-            self.append(nn.ReLU6(inplace=True))
+def conv_bn_relu6(
+    in_chans: int, out_chans: int, kernel: int = 1, stride: int = 1, groups: int = 1
+) -> ConvNormAct:
+    """EfficientNet-Lite's conv: BatchNorm with TensorFlow's epsilon, then ReLU6."""
+    return ConvNormAct(in_chans, out_chans, kernel, stride, groups, act=nn.ReLU6, eps=1e-3)
 
 
 class InvertedResidual(nn.Module):
@@ -63,9 +50,9 @@ class InvertedResidual(nn.Module):
     ) -> None:
         super().__init__()
         hidden = in_chans * expand
-        self.expand = ConvBNAct(in_chans, hidden) if expand != 1 else nn.Identity()
-        self.depthwise = ConvBNAct(hidden, hidden, kernel, stride, groups=hidden)
-        self.project = ConvBNAct(hidden, out_chans, act=False)
+        self.expand = conv_bn_relu6(in_chans, hidden) if expand != 1 else nn.Identity()
+        self.depthwise = conv_bn_relu6(hidden, hidden, kernel, stride, groups=hidden)
+        self.project = ConvNormAct(hidden, out_chans, act=None, eps=1e-3)
         self.residual = stride == 1 and in_chans == out_chans
         self.drop_path = DropPath(0.0)
 
@@ -91,7 +78,7 @@ class EfficientEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size = img_size
-        self.stem = ConvBNAct(3, STEM_CHANNELS, 3, stride=2)
+        self.stem = conv_bn_relu6(3, STEM_CHANNELS, 3, stride=2)
         blocks: list[nn.Module] = []
         # Indexes of the last block at each stride, whose outputs are fused.
         self.taps: dict[int, int] = {}

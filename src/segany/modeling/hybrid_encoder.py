@@ -17,27 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import DropPath, MLPBlock, sam_neck
-
-
-class ConvNormAct(nn.Sequential):
-    """Conv2d (no bias) + BatchNorm2d + optional GELU."""
-
-    def __init__(
-        self,
-        in_chans: int,
-        out_chans: int,
-        kernel: int = 1,
-        stride: int = 1,
-        groups: int = 1,
-        act: bool = True,
-    ) -> None:
-        super().__init__(
-            nn.Conv2d(in_chans, out_chans, kernel, stride, kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(out_chans),
-        )
-        if act:
-            self.append(nn.GELU())
+from .common import ConvNormAct, DropPath, MLPBlock, sam_neck
 
 
 class MBConv(nn.Module):
@@ -48,7 +28,7 @@ class MBConv(nn.Module):
         hidden = int(chans * expand)
         self.expand = ConvNormAct(chans, hidden)
         self.depthwise = ConvNormAct(hidden, hidden, kernel, groups=hidden)
-        self.project = ConvNormAct(hidden, chans, act=False)
+        self.project = ConvNormAct(hidden, chans, act=None)
         self.drop_path = DropPath(0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
