@@ -69,16 +69,17 @@ def latency(model: torch.nn.Module, repeats: int) -> dict[str, float]:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 return model.image_encoder(image)
 
-        def decode(bf16: bool = bf16) -> object:
+        def decode(
+            bf16: bool = bf16,
+            points: tuple[torch.Tensor, torch.Tensor] = (coords, point_labels),
+        ) -> object:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                sparse, dense = model.prompt_encoder((coords, point_labels), None, None)
+                sparse, dense = model.prompt_encoder(points, None, None)
                 return model.mask_decoder(embedding, image_pe, sparse, dense, True)
 
         def decode_batch(bf16: bool = bf16) -> object:
             # The automatic generator's way: many prompt sets share one embedding.
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                sparse, dense = model.prompt_encoder((batch_coords, batch_labels), None, None)
-                return model.mask_decoder(embedding, image_pe, sparse, dense, True)
+            return decode(bf16, (batch_coords, batch_labels))
 
         def predict(bf16: bool = bf16) -> object:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

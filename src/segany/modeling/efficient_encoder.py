@@ -80,35 +80,33 @@ class EfficientEncoder(nn.Module):
         self.img_size = img_size
         self.stem = conv_bn_relu6(3, STEM_CHANNELS, 3, stride=2)
         blocks: list[nn.Module] = []
-        # Indexes of the last block at each stride, whose outputs are fused.
-        self.taps: dict[int, int] = {}
+        # Per output stride, the last block there and its channels; from 1/4 on, those
+        # blocks' outputs are fused (self.taps: block index -> stride).
+        last_at_stride: dict[int, tuple[int, int]] = {}
         in_chans, stride_so_far = STEM_CHANNELS, 2
-        tap_chans: dict[int, int] = {}
         for expand, kernel, stride, out, repeats in stages:
             for index in range(repeats):
                 step = stride if index == 0 else 1
                 blocks.append(InvertedResidual(in_chans, out, expand, kernel, step))
                 in_chans = out
                 stride_so_far *= step
-                self.taps[stride_so_far] = len(blocks) - 1
-                tap_chans[stride_so_far] = out
+                last_at_stride[stride_so_far] = (len(blocks) - 1, out)
         self.blocks = nn.ModuleList(blocks)
-        self.taps = {s: i for s, i in self.taps.items() if s >= 4}
+        self.taps = {i: s for s, (i, _) in last_at_stride.items() if s >= 4}
         # Space-to-depth at 1/4 and 1/8 (x16, x4 channels), 1/32 upsampled to 1/16.
         fused = sum(
             chans * (16 // stride) ** 2 if stride < 16 else chans
-            for stride, chans in tap_chans.items()
+            for stride, (_, chans) in last_at_stride.items()
             if stride >= 4
         )
         self.neck = sam_neck(fused, out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        taps = {index: stride for stride, index in self.taps.items()}
         features = []
         for index, block in enumerate(self.blocks):
             x = block(x)
-            stride = taps.get(index)
+            stride = self.taps.get(index)
             if stride is None:
                 continue
             if stride < 16:
@@ -127,11 +125,10 @@ def imagenet_state_dict(classifier: Mapping[str, torch.Tensor]) -> dict[str, tor
     (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ...); its head and fc
     layer are dropped. The result holds the stem and blocks only (not the neck).
     """
-    names = {
-        "_conv_stem": "stem.0",
-        "_bn0": "stem.1",
+    stem = {"_conv_stem": "stem.0", "_bn0": "stem.1"}
+    block = {
         "_expand_conv": "expand.0",
-        "_bn0_block": "expand.1",
+        "_bn0": "expand.1",
         "_depthwise_conv": "depthwise.0",
         "_bn1": "depthwise.1",
         "_project_conv": "project.0",
@@ -140,9 +137,8 @@ def imagenet_state_dict(classifier: Mapping[str, torch.Tensor]) -> dict[str, tor
     mapped = {}
     for key, tensor in classifier.items():
         parts = key.split(".")
-        if parts[0] in ("_conv_stem", "_bn0"):
-            mapped[".".join([names[parts[0]], *parts[1:]])] = tensor
+        if parts[0] in stem:
+            mapped[".".join([stem[parts[0]], *parts[1:]])] = tensor
         elif parts[0] == "_blocks":
-            layer = "_bn0_block" if parts[2] == "_bn0" else parts[2]
-            mapped[".".join(["blocks", parts[1], names[layer], *parts[3:]])] = tensor
+            mapped[".".join(["blocks", parts[1], block[parts[2]], *parts[3:]])] = tensor
     return mapped

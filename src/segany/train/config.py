@@ -6,7 +6,7 @@ do not silently train something else. Paths are relative to the YAML file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,14 @@ def _sources(raw: Any, where: str, base: Path) -> tuple[DataSource, ...]:
     return tuple(_build(DataSource, item, f"{where}[{i}]", base) for i, item in enumerate(raw))
 
 
+def _model_section(raw: Any, base: Path) -> ModelSection:
+    section = _build(ModelSection, raw, "model", base)
+    init = section.encoder_init
+    if init is not None and init != "imagenet":  # a classifier file, relative to the YAML
+        section = replace(section, encoder_init=str(_coerce(init, "Path", "", base)))
+    return section
+
+
 def parse_config(raw: Any, base: Path, source: Path | None = None) -> TrainConfig:
     """Validate a config mapping; every problem is a SeganyError naming the key."""
     if not isinstance(raw, dict):
@@ -188,7 +196,7 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> TrainConfi
         {k: v for k, v in raw.items() if k not in ("model", "optim")},
         "",
         base,
-        model=_build(ModelSection, raw.get("model"), "model", base),
+        model=_model_section(raw.get("model"), base),
         data=data,
         optim=_build(OptimSection, raw.get("optim"), "optim", base),
         source=source,
