@@ -173,7 +173,7 @@ def test_designed_model_identical_records(settings: dict) -> None:
     options = {"points_per_side": 12, "output_mode": "uncompressed_rle", **settings}
     image = make_image()
     expected = OfficialGenerator(official_model, **options).generate(image)
-    got = SamAutomaticMaskGenerator(ours_model, **options).generate(image)
+    got = SamAutomaticMaskGenerator(ours_model, precision="fp32", **options).generate(image)
     assert len(expected) > 3, "the designed model should leave several masks"
     assert _comparable(got) == _comparable(expected)
 
@@ -184,7 +184,7 @@ def test_designed_model_output_modes(output_mode: str) -> None:
     options = {"points_per_side": 8, "crop_n_layers": 1, "output_mode": output_mode}
     image = make_image(97, 131)
     expected = OfficialGenerator(official_model, **options).generate(image)
-    got = SamAutomaticMaskGenerator(ours_model, **options).generate(image)
+    got = SamAutomaticMaskGenerator(ours_model, precision="fp32", **options).generate(image)
     assert len(got) == len(expected) > 0
     for ours, ref in zip(got, expected, strict=True):
         if output_mode == "binary_mask":
@@ -201,7 +201,10 @@ def test_designed_model_explicit_point_grids() -> None:
                "output_mode": "uncompressed_rle"}  # fmt: skip
     image = make_image(120, 90)
     expected = OfficialGenerator(official_model, **options).generate(image)
-    assert SamAutomaticMaskGenerator(ours_model, **options).generate(image) == expected
+    assert (
+        SamAutomaticMaskGenerator(ours_model, precision="fp32", **options).generate(image)
+        == expected
+    )
 
 
 def test_official_decoder_identical_records() -> None:

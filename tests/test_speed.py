@@ -25,6 +25,7 @@ from segany.cli import main
 from segany.commands import eval as eval_command
 from segany.commands import everything, segment
 from segany.modeling import image_encoder
+from segany.modeling.sam import upscale_logits_fast
 from segany.modeling.transformer import Attention
 from segany.precision import cpu_has_native_bf16, resolve_precision
 
@@ -101,8 +102,8 @@ def test_bf16_masks_close_to_official_fp32(bf16_pair) -> None:
 def test_precision_names_and_devices() -> None:
     assert resolve_precision("fp32", CPU).encoder_dtype is None
     assert resolve_precision("bf16", CPU).encoder_dtype == torch.bfloat16
-    # The CPU decoder stays float32 in every mode.
-    assert resolve_precision("bf16", CPU).decoder_dtype is None
+    assert resolve_precision("bf16", CPU).decoder_dtype == torch.bfloat16
+    assert resolve_precision("fp32", CPU).decoder_dtype is None
     expected = "bf16" if cpu_has_native_bf16() else "fp32"
     assert resolve_precision("auto", CPU).name == resolve_precision(None, CPU).name == expected
     model, _ = make_model_pair("tiny")
@@ -110,6 +111,25 @@ def test_precision_names_and_devices() -> None:
         SamPredictor(model, precision="fp16")
     with pytest.raises(SeganyError, match="unknown precision 'fp64'"):
         SamAutomaticMaskGenerator(model, precision="fp64")
+
+
+def test_bf16_decoder_copy_follows_weight_changes(bf16_pair) -> None:
+    """The CPU bf16 decoder is a cast copy; changing the model's decoder must reach it."""
+    _, fast, image = bf16_pair
+    prompt = {"point_coords": np.array([[image.shape[1] / 2, image.shape[0] / 2]]),
+              "point_labels": np.array([1])}  # fmt: skip
+    _, scores_before, _ = fast.predict(**prompt)
+    head = fast.model.mask_decoder.iou_prediction_head.layers[-1]
+    with torch.no_grad():
+        head.bias += 1.0
+    try:
+        _, scores_after, _ = fast.predict(**prompt)
+    finally:
+        with torch.no_grad():
+            head.bias -= 1.0
+    np.testing.assert_allclose(scores_after, scores_before + 1.0, atol=0.05)
+    _, scores_restored, _ = fast.predict(**prompt)
+    np.testing.assert_allclose(scores_restored, scores_before, atol=1e-6)
 
 
 def test_fp16_overflow_falls_back() -> None:
@@ -252,6 +272,44 @@ def test_rel_pos_attention_chunks_equal_one_pass() -> None:
         budget = rows * 2 * 3 * 30 * 4
         chunked = image_encoder.rel_pos_attention(q, k, v, *tables, (5, 6), budget)
         torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+# -------------------------------------------------------------------------------------
+# Predictor: mask upscaling in one banded pass per axis, the cached positional encoding
+# -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "input_size,original_size",
+    [((768, 1024), (480, 640)), ((1024, 768), (500, 375)), ((1024, 1024), (77, 77)),
+     ((1024, 683), (1024, 683)), ((3, 1024), (5, 1700)), ((1024, 1), (900, 1)),
+     ((1024, 683), (1500, 1000))],
+)  # fmt: skip
+def test_fast_upscaling_equals_official_postprocessing(
+    input_size: tuple[int, int], original_size: tuple[int, int]
+) -> None:
+    _, official = make_model_pair("tiny")
+    official.image_encoder.img_size = 1024  # postprocess_masks reads only this
+    low_res = 20 * torch.randn((2, 3, 256, 256), generator=torch.Generator().manual_seed(9))
+    expected = official.postprocess_masks(low_res, input_size, original_size)
+    got = upscale_logits_fast(low_res, 1024, input_size, original_size)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-6)
+
+
+def test_dense_positional_encoding_follows_its_matrix() -> None:
+    """The cached grid encoding equals the official one, also after the matrix changes."""
+    ours, official = make_model_pair("tiny", seed=6)
+    for _ in range(2):
+        torch.testing.assert_close(
+            ours.prompt_encoder.get_dense_pe(), official.prompt_encoder.get_dense_pe()
+        )
+        with torch.no_grad():
+            ours.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(1.5)
+        official.load_state_dict(ours.state_dict())
+    with torch.inference_mode():
+        inference = ours.prompt_encoder.get_dense_pe()
+    assert not ours.prompt_encoder.get_dense_pe().is_inference()
+    assert inference.is_inference()
 
 
 # -------------------------------------------------------------------------------------

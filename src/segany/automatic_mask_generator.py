@@ -418,14 +418,14 @@ class SamAutomaticMaskGenerator:
             sparse, dense = self.model.prompt_encoder(
                 points=(coords, labels), boxes=None, masks=None
             )
-            low_res, iou_preds = self.model.mask_decoder(
+            return self.predictor.precision.decode(
+                self.model.mask_decoder,
                 image_embeddings=self.predictor.features,
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=True,
             )
-        return low_res.float(), iou_preds.float()
 
     def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
         """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""

@@ -29,6 +29,7 @@ from .inputs import (
 )
 from .modeling import Sam
 from .modeling.prompt_encoder import NOT_A_POINT
+from .modeling.sam import upscale_logits_fast
 from .precision import resolve_precision
 from .transforms import ResizeLongestSide
 
@@ -366,16 +367,19 @@ class SamPredictor:
                 sparse, dense = self.model.prompt_encoder(
                     points=points, boxes=boxes, masks=mask_input
                 )
-                low_res, scores = self.model.mask_decoder(
+                low_res, scores = self.precision.decode(
+                    self.model.mask_decoder,
                     image_embeddings=self.features[image_index : image_index + 1],
                     image_pe=self.model.prompt_encoder.get_dense_pe(),
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask_output,
                 )
-            low_res, scores = low_res.float(), scores.float()
-            masks = self.model.postprocess_masks(
-                low_res, self._input_sizes[image_index], self._original_sizes[image_index]
+            masks = upscale_logits_fast(
+                low_res,
+                self.model.image_size,
+                self._input_sizes[image_index],
+                self._original_sizes[image_index],
             )
         if not return_logits:
             masks = masks > self.model.mask_threshold
