@@ -24,6 +24,7 @@ import torch
 from segany.build import load_model
 from segany.data import load_dataset
 from segany.evaluate import evaluate
+from segany.precision import Precision
 from segany.predictor import SamPredictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -49,48 +50,50 @@ def _milliseconds(run: Callable[[], object], repeats: int) -> float:
 
 
 def latency(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Milliseconds of each step in each precision, through the predictor's own paths."""
     size = model.image_size
     image = torch.randn(1, 3, size, size)
-    predictor = SamPredictor(model)
-    predictor.set_image(np.zeros((480, 640, 3), np.uint8))
     points, labels = np.array([[320, 240], [100, 100]]), np.array([1, 0])
-    # The decoder alone: prompt encoder + mask decoder on a stored embedding (low-res masks).
-    embedding = predictor.features
-    image_pe = model.prompt_encoder.get_dense_pe()
     coords = torch.as_tensor(points * (size / 640), dtype=torch.float)[None]
     point_labels = torch.as_tensor(labels, dtype=torch.int)[None]
     batch_coords = coords[:, :1].expand(BATCH, 1, 2) * torch.rand(BATCH, 1, 1) * 2
     batch_labels = point_labels[:, :1].expand(BATCH, 1)
     results = {}
-    for precision in ("fp32", "bf16"):
-        bf16 = precision == "bf16"
+    for name in ("fp32", "bf16"):
+        predictor = SamPredictor(model, precision=name)
+        predictor.set_image(np.zeros((480, 640, 3), np.uint8))
+        precision = predictor.precision
 
-        def encode(bf16: bool = bf16) -> object:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return model.image_encoder(image)
+        def encode(precision: Precision = precision) -> object:
+            with torch.no_grad():
+                return precision.encode(model.image_encoder, image)
 
         def decode(
-            bf16: bool = bf16,
+            precision: Precision = precision,
+            embedding: torch.Tensor = predictor.features,
             points: tuple[torch.Tensor, torch.Tensor] = (coords, point_labels),
         ) -> object:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            # The decoder alone: prompt encoder + mask decoder (low-res masks).
+            with torch.no_grad(), precision.decoder():
                 sparse, dense = model.prompt_encoder(points, None, None)
-                return model.mask_decoder(embedding, image_pe, sparse, dense, True)
+                image_pe = model.prompt_encoder.get_dense_pe()
+                return precision.decode(
+                    model.mask_decoder, embedding, image_pe, sparse, dense, True
+                )
 
-        def decode_batch(bf16: bool = bf16) -> object:
+        def decode_batch(precision: Precision = precision) -> object:
             # The automatic generator's way: many prompt sets share one embedding.
-            return decode(bf16, (batch_coords, batch_labels))
+            return decode(precision, points=(batch_coords, batch_labels))
 
-        def predict(bf16: bool = bf16) -> object:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return predictor.predict(points, labels, multimask_output=True)
+        def predict(predictor: SamPredictor = predictor) -> object:
+            return predictor.predict(points, labels, multimask_output=True)
 
-        results[f"embedding_ms_{precision}"] = _milliseconds(encode, repeats)
-        results[f"decoder_ms_{precision}"] = _milliseconds(decode, repeats)
-        results[f"decoder_ms_per_set_of_{BATCH}_{precision}"] = (
+        results[f"embedding_ms_{name}"] = _milliseconds(encode, repeats)
+        results[f"decoder_ms_{name}"] = _milliseconds(decode, repeats)
+        results[f"decoder_ms_per_set_of_{BATCH}_{name}"] = (
             _milliseconds(decode_batch, repeats) / BATCH
         )
-        results[f"predict_ms_{precision}"] = _milliseconds(predict, repeats)
+        results[f"predict_ms_{name}"] = _milliseconds(predict, repeats)
     return results
 
 
