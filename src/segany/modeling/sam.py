@@ -170,9 +170,10 @@ def _resize_taps(
     first = nonzero.int().argmax(dim=1)
     last = source - 1 - nonzero.flip(1).int().argmax(dim=1)
     taps = int((last - first).max()) + 1
-    index = first[:, None] + torch.arange(taps)
-    weight = torch.where(index < source, matrix.gather(1, index.clamp(max=source - 1)), 0.0)
-    return index.clamp(max=source - 1), weight
+    wanted = first[:, None] + torch.arange(taps)
+    index = wanted.clamp(max=source - 1)
+    # Taps past the last sample are clamped onto it; zero weight keeps it counted once.
+    return index, torch.where(wanted < source, matrix.gather(1, index), 0.0)
 
 
 def upscale_logits_fast(
