@@ -348,7 +348,7 @@ class SamAutomaticMaskGenerator:
         crop_boxes, layers = generate_crop_boxes(
             image_size, self.crop_n_layers, self.crop_overlap_ratio
         )
-        image_pe = self.model.prompt_encoder.get_dense_pe()  # the same for every batch
+        image_pe = self.predictor.decoder_image_pe()  # the same for every batch
         candidates = MaskCandidates.concat(
             [
                 self._process_crop(image, crop_box, layer, image_pe)
@@ -420,7 +420,7 @@ class SamAutomaticMaskGenerator:
             )
             return self.predictor.precision.decode(
                 self.model.mask_decoder,
-                image_embeddings=self.predictor.features,
+                image_embeddings=self.predictor.decoder_features(),
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,

@@ -89,6 +89,18 @@ class Precision:
         """Context manager for prompt encoding (and, with autocast, mask decoding)."""
         return self._autocast(None if self._casts_decoder else self.decoder_dtype)
 
+    @property
+    def decoder_input_dtype(self) -> torch.dtype:
+        """The dtype of the tensors the mask decoder is fed (its cast copy's on CPU)."""
+        return self.decoder_dtype if self._casts_decoder else torch.float32
+
+    def decoder_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) image embeddings as the mask decoder reads them: in
+        :attr:`decoder_input_dtype`, channels-last, so that the decoder's (B, h * w, C)
+        tokens are a view. Worth keeping per image: it saves a cast and a transposing copy
+        (about 1 ms each on a CPU core) on every decode."""
+        return embeddings.to(self.decoder_input_dtype, memory_format=torch.channels_last)
+
     def decode(
         self,
         mask_decoder: nn.Module,
@@ -106,7 +118,7 @@ class Precision:
         if self._casts_decoder:
             dtype = self.decoder_dtype
             mask_decoder = _cast_copy(mask_decoder, dtype)
-            inputs = tuple(x.to(dtype) for x in inputs)
+            inputs = tuple(_cast(x, dtype) for x in inputs)
         masks, iou_pred = mask_decoder(*inputs, multimask_output=multimask_output)
         return masks.float(), iou_pred.float()
 
@@ -147,6 +159,16 @@ def _cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         copy.requires_grad_(False)
         cached = _CAST_COPIES[module] = (signature, copy)
     return cached[1]
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, keeping broadcast (stride-0) dimensions broadcast: the
+    no-mask prompt is one vector expanded over the grid, and a full-size copy of it would
+    cost a pass over the grid."""
+    if tensor.dtype == dtype or 0 not in tensor.stride():
+        return tensor.to(dtype)
+    base = tensor[tuple(slice(0, 1) if step == 0 else slice(None) for step in tensor.stride())]
+    return base.to(dtype).expand_as(tensor)
 
 
 def _bf16_supported(device_type: str) -> bool:

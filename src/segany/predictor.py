@@ -52,6 +52,8 @@ class SamPredictor:
         self.precision = resolve_precision(precision, sam_model.device)
         self._encoder = compiled(sam_model.image_encoder) if compile else sam_model.image_encoder
         self.transform = ResizeLongestSide(sam_model.image_size)
+        # (the prompt encoder's encoding, its version, the decoder-ready copy)
+        self._image_pe_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.reset_image()
 
     @property
@@ -67,6 +69,7 @@ class SamPredictor:
         """Forget the current image(s) and their embedding."""
         self.is_image_set = False
         self.features: torch.Tensor | None = None
+        self._decoder_features: torch.Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self._original_sizes: list[tuple[int, int]] = []
@@ -151,6 +154,7 @@ class SamPredictor:
         input_sizes: list[tuple[int, ...]],
     ) -> None:
         self.features = features
+        self._decoder_features = self.precision.decoder_input(features)
         self._original_sizes = [(int(h), int(w)) for h, w in original_sizes]
         self._input_sizes = [(int(h), int(w)) for h, w in input_sizes]
         self.original_size = self._original_sizes[0]
@@ -175,6 +179,23 @@ class SamPredictor:
         self._require_image("getting the embedding")
         assert self.features is not None
         return self.features
+
+    def decoder_features(self, image_index: int = 0) -> torch.Tensor:
+        """The (1, C, h, w) embedding of image ``image_index`` as the mask decoder takes it
+        (see :meth:`Precision.decoder_input`), kept from when the image was set."""
+        self._require_image()
+        assert self._decoder_features is not None
+        return self._decoder_features[image_index : image_index + 1]
+
+    def decoder_image_pe(self) -> torch.Tensor:
+        """The (1, C, h, w) grid positional encoding as the mask decoder takes it, kept while
+        the prompt encoder returns the same, unchanged tensor."""
+        encoding = self.model.prompt_encoder.get_dense_pe()
+        cached = self._image_pe_cache
+        if cached is None or cached[0] is not encoding or cached[1] != encoding._version:
+            cached = (encoding, encoding._version, self.precision.decoder_input(encoding))
+            self._image_pe_cache = cached
+        return cached[2]
 
     # -- prompts --------------------------------------------------------------
 
@@ -369,8 +390,8 @@ class SamPredictor:
                 )
                 low_res, scores = self.precision.decode(
                     self.model.mask_decoder,
-                    image_embeddings=self.features[image_index : image_index + 1],
-                    image_pe=self.model.prompt_encoder.get_dense_pe(),
+                    image_embeddings=self.decoder_features(image_index),
+                    image_pe=self.decoder_image_pe(),
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask_output,

@@ -10,10 +10,6 @@ from torch import nn
 
 from .common import LayerNorm2d
 
-# Bytes of upscaled features (a prompt set's is 8 MB at SAM's size, in float32) made at a
-# time: the upscaling's passes over them then run in cache, about twice as fast as over a
-# whole batch of 64 sets.
-UPSCALE_CHUNK_BYTES = 8 * 2**20
 # Prompt sets decoded together. The per-set image features (4 MB each at SAM's size) of a
 # few sets stay in cache between the decoder's passes over them; 64 at once (the mask
 # generator's batch) measured 10-15% slower on 2 CPU cores, and need 16x the memory.
@@ -106,11 +102,15 @@ class MaskDecoder(nn.Module):
         Returns:
             Mask logits (B, 3 or 1, 4h, 4w) and predicted IoU (B, 3 or 1).
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         selected = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, selected], iou_pred[:, selected]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            mask_tokens=selected,
+        )
+        return masks, iou_pred[:, selected]
 
     def predict_masks(
         self,
@@ -118,8 +118,10 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        mask_tokens: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` masks (B, T, 4h, 4w) and IoU predictions (B, T)."""
+        """Masks (B, M, 4h, 4w) of the ``mask_tokens`` (default: all ``num_mask_tokens``;
+        only those are computed) and IoU predictions (B, num_mask_tokens) of all."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
@@ -142,6 +144,7 @@ class MaskDecoder(nn.Module):
                 src if src.shape[0] == 1 else src[start : start + PROMPT_CHUNK],
                 image_pe,
                 tokens[start : start + PROMPT_CHUNK],
+                mask_tokens,
             )
             for start in range(0, batch, PROMPT_CHUNK)
         ]
@@ -149,16 +152,23 @@ class MaskDecoder(nn.Module):
         return torch.cat(masks), torch.cat(iou_pred)
 
     def _predict_chunk(
-        self, src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
+        self,
+        src: torch.Tensor,
+        image_pe: torch.Tensor,
+        tokens: torch.Tensor,
+        mask_tokens: slice,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict_masks` for (1 or B, C, h, w) ``src`` (image embedding plus dense
         prompt) and (B, N, C) tokens."""
         size = (src.shape[-2], src.shape[-1])
-        hs, src = self.transformer(src, image_pe, tokens)
+        hs, src = self.transformer(src, image_pe, tokens, output_tokens=1 + self.num_mask_tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            [
+                mlp(mask_tokens_out[:, i, :])
+                for i, mlp in list(enumerate(self.output_hypernetworks_mlps))[mask_tokens]
+            ],
             dim=1,
         )
         return self._masks(src, hyper_in, size), self.iou_prediction_head(iou_token_out)
@@ -167,40 +177,38 @@ class MaskDecoder(nn.Module):
         self, src: torch.Tensor, hyper_in: torch.Tensor, size: tuple[int, int]
     ) -> torch.Tensor:
         """Mask logits (B, T, 4h, 4w) from transformer output (B, h * w, C) and the
-        hypernetwork weights (B, T, C / 8), a few prompt sets at a time.
+        hypernetwork weights (B, T, C / 8), one prompt set at a time.
 
         The output upscaling runs as matrix products: a 2x2 stride-2 transposed convolution
-        maps each input pixel to a 2x2 block on its own, so it is a linear layer to
-        4 x out channels. Working channels-last on the tokens avoids the NCHW round trip;
-        pixels stay grouped by source pixel until the (much smaller) masks are made.
+        maps each input pixel to a 2x2 block on its own, so it is a linear layer. Taken one
+        kernel row at a time, its outputs for input pixel (y, x) are the pixels (2y + i,
+        2x + j) of one output row, already in raster order; so each of the four (row, row)
+        pairs of the two convolutions yields every fourth row of the masks directly, and
+        only whole rows are interleaved at the end (a pixel-level shuffle of the masks
+        cost more than the products on a CPU). One set's features (8 MB in float32) stay
+        in cache through the passes over them.
         """
         first, norm, act1, second, act2 = self.output_upscaling
-        (w1, b1), (w2, b2) = _as_linear(first), _as_linear(second)
-        per_set = src.shape[1] * 16 * hyper_in.shape[-1] * src.element_size()
-        step = max(1, UPSCALE_CHUNK_BYTES // per_set)
-        chunks = []
-        for start in range(0, src.shape[0], step):
-            part = src[start : start + step]
-            batch, tokens, _ = part.shape
-            x = F.linear(part, w1, b1).view(batch, tokens * 4, -1)
-            x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
-            x = act2(F.linear(x, w2, b2).view(batch, tokens * 16, -1))
-            chunks.append(_unshuffle(x @ hyper_in[start : start + step].mT, size))
-        return torch.cat(chunks)
+        height, width = size
+        masks = []
+        for features, weights in zip(src, hyper_in, strict=True):
+            rows = []
+            for w1, b1 in _kernel_rows(first):
+                x = F.linear(features, w1, b1).view(-1, w1.shape[0] // 2)  # pixels (y, x, j)
+                x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+                for w2, b2 in _kernel_rows(second):
+                    upscaled = act2(F.linear(x, w2, b2)).view(-1, w2.shape[0] // 2)
+                    rows.append(F.linear(weights, upscaled).view(-1, height, 4 * width))
+            # rows[2i + i2] holds mask rows 4y + 2i + i2.
+            masks.append(torch.stack(rows, dim=2).view(-1, 4 * height, 4 * width))
+        return torch.stack(masks)
 
 
-def _as_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight (4 * out, in) and bias of a 2x2 stride-2 transposed convolution as a linear
-    layer whose outputs are ordered (i, j, out channel) for kernel offset (i, j)."""
-    weight = conv.weight.permute(2, 3, 1, 0).flatten(0, 2)  # (in, out, i, j) -> (i j out, in)
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    return weight, bias
-
-
-def _unshuffle(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h * w * 16, M) masks with rows ordered (y, x, i, j, i2, j2), the pixel
-    (4y + 2i + i2, 4x + 2j + j2), -> (B, M, 4h, 4w)."""
-    batch, _, count = masks.shape
-    h, w = size
-    masks = masks.view(batch, h, w, 2, 2, 2, 2, count)  # y, x, i, j, i2, j2, mask
-    return masks.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(batch, count, 4 * h, 4 * w)
+def _kernel_rows(
+    conv: nn.ConvTranspose2d,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """A 2x2 stride-2 transposed convolution as two linear layers, one per kernel row i:
+    weight (2 * out, in) and bias, outputs ordered (j, out channel) for kernel column j."""
+    bias = None if conv.bias is None else conv.bias.repeat(2)
+    # (in, out, i, j) -> for each i: (j, out, in)
+    return [(conv.weight[:, :, i].permute(2, 1, 0).flatten(0, 1), bias) for i in range(2)]

@@ -335,6 +335,7 @@ class TwoWayTransformer(nn.Module):
         image_embedding: torch.Tensor,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
+        output_tokens: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the decoder transformer.
 
@@ -343,9 +344,12 @@ class TwoWayTransformer(nn.Module):
                 is shared by all B token sets.
             image_pe: (1, C, h, w) positional encoding of the grid.
             point_embedding: (B, N, C) output and prompt tokens.
+            output_tokens: return only the first this many tokens (default all N); the
+                final attention then runs for those alone (the mask decoder reads only its
+                IoU and mask tokens).
 
         Returns:
-            Processed tokens (B, N, C) and image features (B, h * w, C).
+            Processed tokens (B, N or output_tokens, C) and image features (B, h * w, C).
         """
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         # Contiguous once here rather than a strided read in each of the additions below.
@@ -355,6 +359,7 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(
                 queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe
             )
+        queries, point_embedding = queries[:, :output_tokens], point_embedding[:, :output_tokens]
         attn_out = self.final_attn_token_to_image.token_to_image(
             q=queries + point_embedding, k=keys + key_pe, v=keys
         )
