@@ -57,8 +57,14 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def build_official(config: SamConfig) -> torch.nn.Module:
-    """The official package's model with the same architecture as ``config`` (ViT only)."""
+def build_official(
+    config: SamConfig, image_encoder: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """The official package's model with the same architecture as ``config``.
+
+    The official package has ViT encoders only; for another encoder pass the module to use
+    (the official model just calls it and reads its ``img_size``).
+    """
     from segment_anything.modeling import (
         ImageEncoderViT,
         MaskDecoder,
@@ -68,10 +74,9 @@ def build_official(config: SamConfig) -> torch.nn.Module:
     from segment_anything.modeling import Sam as OfficialSam
 
     enc = config.encoder
-    assert isinstance(enc, ViTEncoderConfig)
-    grid = config.embedding_size
-    model = OfficialSam(
-        image_encoder=ImageEncoderViT(
+    if image_encoder is None:
+        assert isinstance(enc, ViTEncoderConfig)
+        image_encoder = ImageEncoderViT(
             depth=enc.depth,
             embed_dim=enc.embed_dim,
             img_size=config.img_size,
@@ -84,7 +89,10 @@ def build_official(config: SamConfig) -> torch.nn.Module:
             global_attn_indexes=list(enc.global_attn_indexes),
             window_size=enc.window_size,
             out_chans=config.prompt_embed_dim,
-        ),
+        )
+    grid = config.embedding_size
+    model = OfficialSam(
+        image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=config.prompt_embed_dim,
             image_embedding_size=(grid, grid),
@@ -105,6 +113,20 @@ def build_official(config: SamConfig) -> torch.nn.Module:
         ),
     )
     return model.eval()
+
+
+def default_model_pair() -> tuple[Sam, torch.nn.Module]:
+    """(segany's bundled default model, the official model running it): the official
+    prompt encoder and mask decoder with the default model's trained weights, around
+    (a copy of) its image encoder. Real weights, so real masks."""
+    from copy import deepcopy
+
+    from segany.build import MODEL_CONFIGS, build_sam
+
+    ours = build_sam("default").eval()
+    reference = build_official(MODEL_CONFIGS["default"], deepcopy(ours.image_encoder))
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference.eval()
 
 
 def build_mobile_sam() -> torch.nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from efficientnet_lite_pytorch import EfficientNet
 
 from segany.build import (
@@ -20,6 +21,7 @@ from segany.build import (
 )
 from segany.errors import SeganyError
 from segany.modeling import EfficientEncoder
+from segany.modeling.common import ConvNormAct
 from segany.modeling.efficient_encoder import imagenet_state_dict
 from segany.train.init import (
     imagenet_weights_file,
@@ -67,7 +69,9 @@ def test_blocks_compute_what_the_reference_computes(classifier, reference) -> No
             continue
         x = torch.randn(1, theirs._block_args.input_filters, 14, 14)
         with torch.no_grad():
-            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+            # atol: eval mode folds the BatchNorm into the convolution, which rounds
+            # differently (float32 eps x the ~100 magnitude of the summed terms)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=5e-5)
         compared += 1
     assert compared == 12
 
@@ -130,3 +134,37 @@ def test_decoder_checkpoint_copies_only_the_prompt_path(tmp_path) -> None:
     shallower = config_from_dict({**config_to_dict(MODEL_CONFIGS["default"]), "decoder_depth": 1})
     with pytest.raises(SeganyError, match="do not fit this model"):
         load_decoder_checkpoint(build_sam_from_config(shallower), path)
+
+
+def test_eval_folds_batch_norm_into_the_convolution() -> None:
+    """Eval mode runs one convolution with the BatchNorm folded in: it must equal the
+    convolution then F.batch_norm, follow changes to the statistics and weights, and pass
+    gradients to both when they are trained in eval mode."""
+    torch.manual_seed(0)
+    block = ConvNormAct(8, 16, kernel=3, act=torch.nn.ReLU6, eps=1e-3).eval()
+    conv, norm = block[0], block[1]
+    x = torch.randn(2, 8, 10, 10)
+
+    def reference() -> torch.Tensor:
+        y = F.conv2d(x, conv.weight, padding=1)
+        y = F.batch_norm(
+            y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, 1e-3
+        )
+        return F.relu6(y)
+
+    with torch.no_grad():
+        norm.running_mean.normal_(0.0, 3.0)
+        norm.running_var.uniform_(0.1, 4.0)
+        torch.testing.assert_close(block(x), reference(), rtol=1e-5, atol=1e-5)
+        norm.running_mean += 1.0  # in place: the folded weights must be made again
+        torch.testing.assert_close(block(x), reference(), rtol=1e-5, atol=1e-5)
+        state = {k: v + 0.1 if v.is_floating_point() else v for k, v in block.state_dict().items()}
+        block.load_state_dict(state)
+        torch.testing.assert_close(block(x), reference(), rtol=1e-5, atol=1e-5)
+    block(x).square().sum().backward()
+    ours = [conv.weight.grad.clone(), norm.weight.grad.clone()]
+    conv.weight.grad = norm.weight.grad = None
+    reference().square().sum().backward()
+    torch.testing.assert_close(ours, [conv.weight.grad, norm.weight.grad], rtol=1e-4, atol=1e-5)
+    block.train()  # training mode normalises with the batch's statistics, unfolded
+    torch.testing.assert_close(block(x).mean(dim=(0, 2, 3)).shape, torch.Size([16]))

@@ -21,6 +21,7 @@ from reference import make_model_pair
 
 from segany import SamAutomaticMaskGenerator, SamPredictor, SeganyError
 from segany import predictor as predictor_module
+from segany.build import build_sam
 from segany.cli import main
 from segany.commands import eval as eval_command
 from segany.commands import everything, segment
@@ -106,6 +107,10 @@ def test_precision_names_and_devices() -> None:
     assert resolve_precision("fp32", CPU).decoder_dtype is None
     expected = "bf16" if cpu_has_native_bf16() else "fp32"
     assert resolve_precision("auto", CPU).name == resolve_precision(None, CPU).name == expected
+    # The default model's CNN encoder loses ~8% of its embedding in bf16: auto keeps fp32.
+    assert resolve_precision("auto", CPU, build_sam("default")).name == "fp32"
+    assert SamPredictor(build_sam("default")).precision.name == "fp32"
+    assert SamPredictor(build_sam("default"), "bf16").precision.name == "bf16"
     model, _ = make_model_pair("tiny")
     with pytest.raises(SeganyError, match="fp16 needs a CUDA device"):
         SamPredictor(model, precision="fp16")

@@ -49,7 +49,7 @@ class SamPredictor:
 
     def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool = False) -> None:
         self.model = sam_model
-        self.precision = resolve_precision(precision, sam_model.device)
+        self.precision = resolve_precision(precision, sam_model.device, sam_model)
         self._encoder = compiled(sam_model.image_encoder) if compile else sam_model.image_encoder
         self.transform = ResizeLongestSide(sam_model.image_size)
         # (the prompt encoder's encoding, its version, the decoder-ready copy)
