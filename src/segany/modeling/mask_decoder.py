@@ -195,13 +195,25 @@ class MaskDecoder(nn.Module):
             rows = []
             for w1, b1 in _kernel_rows(first):
                 x = F.linear(features, w1, b1).view(-1, w1.shape[0] // 2)  # pixels (y, x, j)
-                x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+                x = _activate(
+                    act1, F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+                )
                 for w2, b2 in _kernel_rows(second):
-                    upscaled = act2(F.linear(x, w2, b2)).view(-1, w2.shape[0] // 2)
+                    upscaled = _activate(act2, F.linear(x, w2, b2)).view(-1, w2.shape[0] // 2)
                     rows.append(F.linear(weights, upscaled).view(-1, height, 4 * width))
             # rows[2i + i2] holds mask rows 4y + 2i + i2.
             masks.append(torch.stack(rows, dim=2).view(-1, 4 * height, 4 * width))
         return torch.stack(masks)
+
+
+def _activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``activation(x)``; a float32 GELU runs in place when no gradient needs ``x``
+    (measured 20% faster for the upscaling on a CPU; bfloat16's in-place kernel was
+    slower than the out-of-place one)."""
+    in_place = x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+    if in_place and type(activation) is nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=activation.approximate)
+    return activation(x)
 
 
 def _kernel_rows(
