@@ -141,7 +141,7 @@ def print_table(title: str, rows: list[Row], columns: list[str]) -> None:
     for row in rows:
         ratio = f"{official / row.seconds:9.2f}x"
         cells = "".join(f"{row.cells.get(c, ''):>16}" for c in columns)
-        print(f"{row.name:16}{row.seconds:10.3f}{ratio:>10}{cells}")
+        print(f"{row.name:16}{row.seconds:10.4g}{ratio:>10}{cells}")
 
 
 def modes(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
