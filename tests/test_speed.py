@@ -137,6 +137,27 @@ def test_bf16_decoder_copy_follows_weight_changes(bf16_pair) -> None:
     np.testing.assert_allclose(scores_restored, scores_before, atol=1e-6)
 
 
+def test_assigned_features_reach_the_decoder() -> None:
+    """The predictor keeps a decoder-ready copy of the embedding; assigning ``features``
+    directly (as users of the official predictor do) must refresh it."""
+    ours_model, reference = make_model_pair("tiny", seed=1)
+    image = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    official = _official_predictor(reference)
+    official.set_image(image)
+    embedding = torch.randn_like(official.features)
+    official.features = embedding
+    prompt = {"point_coords": np.array([[50.0, 60.0]]), "point_labels": np.array([1])}
+    _, ref_scores, ref_low_res = official.predict(**prompt)
+    for precision in ("fp32", "bf16"):
+        ours = SamPredictor(ours_model, precision)
+        ours.set_image(image)
+        ours.features = embedding
+        _, scores, low_res = ours.predict(**prompt)
+        tolerance = 1e-4 if precision == "fp32" else 0.05
+        assert _relative_error(low_res, ref_low_res) < tolerance
+        np.testing.assert_allclose(scores, ref_scores, atol=tolerance)
+
+
 def test_fp16_overflow_falls_back() -> None:
     """An fp16 embedding with inf is recomputed in the fallback precision, with a warning."""
     precision = resolve_precision("bf16", CPU)

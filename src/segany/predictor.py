@@ -61,6 +61,20 @@ class SamPredictor:
         return self.model.device
 
     @property
+    def features(self) -> torch.Tensor | None:
+        """(N, C, h, w) embeddings of the image(s) set, or None."""
+        return self._features
+
+    @features.setter
+    def features(self, features: torch.Tensor | None) -> None:
+        # Assigned directly too (as with the official predictor): the decoder's copy must
+        # follow.
+        self._features = features
+        self._decoder_features = (
+            None if features is None else self.precision.decoder_input(features)
+        )
+
+    @property
     def _low_res_size(self) -> tuple[int, int]:
         h, w = self.model.prompt_encoder.mask_input_size
         return int(h), int(w)
@@ -68,8 +82,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         """Forget the current image(s) and their embedding."""
         self.is_image_set = False
-        self.features: torch.Tensor | None = None
-        self._decoder_features: torch.Tensor | None = None
+        self.features = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self._original_sizes: list[tuple[int, int]] = []
@@ -154,7 +167,6 @@ class SamPredictor:
         input_sizes: list[tuple[int, ...]],
     ) -> None:
         self.features = features
-        self._decoder_features = self.precision.decoder_input(features)
         self._original_sizes = [(int(h), int(w)) for h, w in original_sizes]
         self._input_sizes = [(int(h), int(w)) for h, w in input_sizes]
         self.original_size = self._original_sizes[0]
