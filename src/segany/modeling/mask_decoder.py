@@ -190,15 +190,16 @@ class MaskDecoder(nn.Module):
         """
         first, norm, act1, second, act2 = self.output_upscaling
         height, width = size
+        first_rows, second_rows = _kernel_rows(first), _kernel_rows(second)
         masks = []
         for features, weights in zip(src, hyper_in, strict=True):
             rows = []
-            for w1, b1 in _kernel_rows(first):
+            for w1, b1 in first_rows:
                 x = F.linear(features, w1, b1).view(-1, w1.shape[0] // 2)  # pixels (y, x, j)
                 x = _activate(
                     act1, F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
                 )
-                for w2, b2 in _kernel_rows(second):
+                for w2, b2 in second_rows:
                     upscaled = _activate(act2, F.linear(x, w2, b2)).view(-1, w2.shape[0] // 2)
                     rows.append(F.linear(weights, upscaled).view(-1, height, 4 * width))
             # rows[2i + i2] holds mask rows 4y + 2i + i2.
