@@ -107,6 +107,22 @@ def test_sa1b_folder_with_unreadable_image(
             assert int(mask_utils.area(rle)) == ann["area"]
 
 
+def test_no_mask_passing_the_filters_gives_a_hint(
+    inputs: Path, tmp_path: Path, loads: list, capsys: pytest.CaptureFixture
+) -> None:
+    image = inputs / IMAGES[0]
+    options = [*OPTIONS, "--pred-iou-thresh", "1.0"]  # nothing passes
+    assert _run(str(image), "-o", str(tmp_path / "out"), *options) == 0
+    captured = capsys.readouterr()
+    assert "1 segmented (0 masks)" in captured.out
+    assert "no mask passed the quality filters (predicted IoU > 1.0, stability >= 0.9)" in (
+        captured.err
+    )
+    # Masks found, or filters off: no hint.
+    assert _run(str(image), "-o", str(tmp_path / "out2"), *OPTIONS) == 0
+    assert "quality filters" not in capsys.readouterr().err
+
+
 def test_rerun_skips_finished_images(
     inputs: Path, tmp_path: Path, loads: list, capsys: pytest.CaptureFixture
 ) -> None:

@@ -158,9 +158,26 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "coco":
         coco_file = assemble_coco(jobs, outdir)
     _print_summary(len(jobs), len(todo) - len(failed), masks, failed, outdir)
+    if masks == 0 and len(todo) > len(failed):
+        _hint_no_masks(args)
     if args.format == "coco":
         print(f"COCO instances: {coco_file}")
     return 1 if failed else 0
+
+
+def _hint_no_masks(args: argparse.Namespace) -> None:
+    """One line on stderr when the quality filters left no mask at all."""
+    if not (args.pred_iou_thresh or args.stability_score_thresh):
+        return
+    hint = (
+        "segany everything: no mask passed the quality filters (predicted IoU > "
+        f"{args.pred_iou_thresh}, stability >= {args.stability_score_thresh}); lower them "
+        "(--pred-iou-thresh 0 --stability-score-thresh 0 keeps every mask)"
+    )
+    if args.checkpoint is None and args.model in (None, "default"):
+        # The bundled model scores its masks well under SAM's thresholds (MODEL_CARD.md).
+        hint += ", or use a SAM checkpoint (--model vit_b): the default model scores its masks low"
+    print(hint, file=sys.stderr)
 
 
 def _print_summary(
