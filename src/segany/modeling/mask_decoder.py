@@ -164,13 +164,9 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, image_pe, tokens, output_tokens=1 + self.num_mask_tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        hyper_in = torch.stack(
-            [
-                mlp(mask_tokens_out[:, i, :])
-                for i, mlp in list(enumerate(self.output_hypernetworks_mlps))[mask_tokens]
-            ],
-            dim=1,
-        )
+        mlps = self.output_hypernetworks_mlps
+        selected = range(self.num_mask_tokens)[mask_tokens]
+        hyper_in = torch.stack([mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1)
         return self._masks(src, hyper_in, size), self.iou_prediction_head(iou_token_out)
 
     def _masks(
