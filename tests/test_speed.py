@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from reference import make_model_pair
 
@@ -264,22 +263,25 @@ def test_cost_model_picks_shared_projection_for_big_batches() -> None:
 # -------------------------------------------------------------------------------------
 
 
-def test_chunked_attention_equals_official(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("by_products", [False, True], ids=["fused", "products"])
+def test_chunked_attention_equals_official(monkeypatch: pytest.MonkeyPatch, by_products) -> None:
     """A bias budget of a few rows (uneven last chunk) gives the official embedding, and no
-    attention call ever sees more bias than the budget."""
+    chunk ever materialises more bias than the budget, through the fused kernel and
+    through explicit products alike."""
     ours, official = make_model_pair("tiny", seed=2)
     budget = 7 * 2 * 4096 * 4  # 7 rows of 2 heads x 4096 keys in float32
     for block in ours.image_encoder.blocks:
         block.attn.max_bias_bytes = budget
     biggest = []
-    original = F.scaled_dot_product_attention
+    original = image_encoder.expand_rel_pos_bias
 
-    def spy(q, k, v, attn_mask=None, **kwargs):
-        if attn_mask is not None:
-            biggest.append(attn_mask.numel() * attn_mask.element_size())
-        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+    def spy(rel_h, rel_w):
+        bias = original(rel_h, rel_w)
+        biggest.append(bias.numel() * bias.element_size())
+        return bias
 
-    monkeypatch.setattr(image_encoder.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(image_encoder, "expand_rel_pos_bias", spy)
+    monkeypatch.setattr(image_encoder, "_attention_by_products_is_faster", lambda q: by_products)
     image = torch.randn((1, 3, 1024, 1024), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = ours.image_encoder(image)
@@ -294,10 +296,17 @@ def test_rel_pos_attention_chunks_equal_one_pass() -> None:
     q, k, v = (torch.randn((2, 3, 30, 8), generator=g) for _ in range(3))
     tables = torch.randn((11, 8), generator=g), torch.randn((11, 8), generator=g)
     whole = image_encoder.rel_pos_attention(q, k, v, *tables, (5, 6), max_bias_bytes=2**30)
+    rel_h, rel_w = image_encoder.decomposed_rel_pos_terms(q, *tables, (5, 6), (5, 6))
+    bias = image_encoder.expand_rel_pos_bias(rel_h, rel_w)
+    # Independent reference: the textbook formula with the bias in one piece.
+    scores = q @ k.transpose(-1, -2) / 8**0.5 + bias
+    torch.testing.assert_close(whole, scores.softmax(-1) @ v, atol=1e-6, rtol=1e-6)
     for rows in (1, 4, 29):
         budget = rows * 2 * 3 * 30 * 4
         chunked = image_encoder.rel_pos_attention(q, k, v, *tables, (5, 6), budget)
         torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+        by_products = image_encoder._attention_by_products(q, k, v, rel_h, rel_w, rows)
+        torch.testing.assert_close(by_products, whole, atol=1e-6, rtol=1e-6)
 
 
 # -------------------------------------------------------------------------------------
