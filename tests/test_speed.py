@@ -250,6 +250,60 @@ def test_per_set_embeddings_equal_official(decoder_pair) -> None:
             torch.testing.assert_close(got_iou, expected_iou, atol=ATOL, rtol=0)
 
 
+def _decode_both(ours, official, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    embedding = torch.randn((1, 256, 64, 64), generator=g)
+    points = (torch.rand((2, 3, 2), generator=g) * 1024, torch.ones(2, 3, dtype=torch.int))
+    sparse, dense = ours.prompt_encoder(points=points, boxes=None, masks=None)
+    pe = ours.prompt_encoder.get_dense_pe()
+    got = ours.mask_decoder(embedding, pe, sparse, dense, True)
+    expected = official.mask_decoder(embedding, pe, sparse[:1], dense[:1], True)
+    return got, expected
+
+
+def test_hypernetworks_follow_weight_changes() -> None:
+    """The stacked hypernetwork weights kept between calls are rebuilt after the weights
+    change in place (as an optimiser step does), and gradients reach the parameters."""
+    ours, official = make_model_pair("tiny", seed=9)
+    for step in range(2):
+        with torch.no_grad():
+            (masks, iou), (expected_masks, expected_iou) = _decode_both(ours, official, step)
+        torch.testing.assert_close(masks[:1], expected_masks, atol=ATOL, rtol=0)
+        torch.testing.assert_close(iou[:1], expected_iou, atol=ATOL, rtol=0)
+        for model in (ours, official):
+            with torch.no_grad():
+                for mlp in model.mask_decoder.output_hypernetworks_mlps:
+                    mlp.layers[0].weight.mul_(-2.0)
+    (masks, _), _ = _decode_both(ours, official, 5)
+    masks.square().mean().backward()
+    for mlp in ours.mask_decoder.output_hypernetworks_mlps[1:]:
+        assert mlp.layers[0].weight.grad is not None and mlp.layers[2].bias.grad.abs().sum() > 0
+
+
+def test_cast_copy_follows_the_module() -> None:
+    """The bfloat16 decoder copy is remade after an in-place change, a replaced parameter
+    and a replaced submodule; compared with the live weights cast anew."""
+    from segany.precision import _cast_copy
+
+    decoder = make_model_pair("tiny", seed=8)[0].mask_decoder
+
+    def check() -> None:
+        copy = _cast_copy(decoder, torch.bfloat16)
+        for (name, ours), (_, cast) in zip(
+            decoder.state_dict().items(), copy.state_dict().items(), strict=True
+        ):
+            assert torch.equal(cast, ours.to(torch.bfloat16)), name
+
+    check()
+    with torch.no_grad():
+        decoder.iou_token.weight.add_(1.0)
+    check()
+    decoder.iou_token.weight = torch.nn.Parameter(torch.randn(1, 256))
+    check()
+    decoder.output_hypernetworks_mlps[2].layers[1] = torch.nn.Linear(256, 256)
+    check()
+
+
 def test_cost_model_picks_shared_projection_for_big_batches() -> None:
     attention = Attention(256, 8, downsample_rate=2)
     assert attention._fold_image_projection(batch=1, image_batch=1, tokens=7)
