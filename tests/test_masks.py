@@ -145,6 +145,19 @@ def test_batched_nms_hand_computed() -> None:
     assert empty.tolist() == []
 
 
+def test_count_true_edge_cases() -> None:
+    g = torch.Generator().manual_seed(4)
+    masks = torch.rand(3, 2, 9, 7, generator=g) > 0.5
+    expected = [[int(x.sum()) for x in row] for row in masks]  # hand count, per mask
+    assert m.count_true(masks).tolist() == expected
+    assert m.count_true(masks.transpose(-1, -2)).tolist() == expected  # strided
+    assert m.count_true(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0,)
+    assert m.count_true(torch.zeros(2, 0, 5, dtype=torch.bool)).tolist() == [0, 0]
+    assert m.masks_to_boxes(masks[0].to(torch.uint8) * 7).tolist() == (
+        m.masks_to_boxes(masks[0]).tolist()
+    )
+
+
 def test_stability_score_matches_official() -> None:
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 3, 40, 33, generator=g) * 3

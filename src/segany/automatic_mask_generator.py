@@ -489,8 +489,9 @@ class SamAutomaticMaskGenerator:
             keep = torch.arange(len(score), device=score.device)
             if self.stability_score_thresh > 0.0:
                 keep = torch.nonzero(score >= self.stability_score_thresh).flatten()
-            masks.append(logits[keep] > threshold)
-            scores.append(score[keep])
+                logits, score = logits[keep], score[keep]
+            masks.append(logits > threshold)
+            scores.append(score)
             kept.append(keep + start)
         if not masks:
             h, w = crop_size
