@@ -129,6 +129,13 @@ def upscale_logits(
     Returns:
         (B, C, H, W) logits, H, W = ``original_size``.
     """
+    batch, channels = low_res.shape[:2]
+    if batch * channels > 1:
+        # One mask at a time: the padded-size intermediate of one stays in cache; of 16 it
+        # does not, and the whole runs ~2.5x slower on a CPU. Same numbers either way.
+        planes = low_res.reshape(-1, 1, 1, *low_res.shape[-2:])
+        upscaled = [upscale_logits(p, model_size, input_size, original_size) for p in planes]
+        return torch.cat(upscaled).view(batch, channels, *original_size)
     side = low_res.shape[-1]
     factor = model_size // side
     if low_res.shape[-2] == side and factor * side == model_size:
