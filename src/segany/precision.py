@@ -9,7 +9,9 @@ Modes (``precision=`` on :class:`~segany.SamPredictor` and
     The image encoder under bfloat16 autocast: matrix products and convolutions in
     bfloat16, while the transformer's residual stream and layer norms stay float32
     (autocast keeps a float32 input's dtype through additions and norms) and softmax
-    accumulates in float32. The mask decoder runs in bfloat16 too: on CUDA under
+    accumulates in float32; on CPU its attention runs as explicit batched products in
+    chunks of query rows (see ``image_encoder.rel_pos_attention``), the scores rounded to
+    bfloat16 before the softmax. The mask decoder runs in bfloat16 too: on CUDA under
     autocast; on CPU as a bfloat16 copy of the decoder fed bfloat16 inputs (autocast's
     per-operation casts of the 4096 x 256 image side cost more there than the bfloat16
     products save), while the prompt encoder stays float32 so that point positions keep
