@@ -188,9 +188,14 @@ class MaskDecoder(nn.Module):
         then they are stacked on each call, so that gradients reach the parameters)."""
         mlps = [self.output_hypernetworks_mlps[i] for i in selected]
         params = [t for mlp in mlps for layer in mlp.layers for t in (layer.weight, layer.bias)]
-        key = (selected, *((t.data_ptr(), t._version) for t in params))
+        # Traced and compiled graphs stack in the graph (their parameters may have no data).
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        cacheable = not tracing and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in params)
+        )
+        key = (selected, *((t.data_ptr(), t._version) for t in params)) if cacheable else None
         cached = self._hypernetwork_cache
-        if cached is not None and cached[0] == key:
+        if key is not None and cached is not None and cached[0] == key:
             return cached[1]
         layers = [
             (
@@ -199,7 +204,7 @@ class MaskDecoder(nn.Module):
             )
             for depth in range(len(mlps[0].layers))
         ]
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in params)):
+        if key is not None:
             self._hypernetwork_cache = (key, layers)
         return layers
 
