@@ -6,7 +6,8 @@ Output: (B, out_chans, S/patch, S/patch) image embedding (256 x 64 x 64 for SAM)
 Blocks use windowed attention except at ``global_attn_indexes``; every attention
 adds MViTv2-style decomposed relative-position terms. Attention runs through
 ``scaled_dot_product_attention`` with the relative-position terms as an additive
-bias, batched over heads and windows.
+bias, batched over heads and windows; in reduced precision on a CPU, as explicit batched
+products over chunks of query rows instead (:func:`rel_pos_attention`).
 """
 
 from __future__ import annotations
