@@ -29,6 +29,7 @@ from segany.build import SamConfig, ViTEncoderConfig, build_sam_from_config
 from segany.errors import SeganyError
 from segany.masks import rle_to_mask
 from segany.modeling import Sam
+from segany.modeling.mask_decoder import MaskDecoder
 
 IMG_SIZE = 256  # model input side: 16x16 embedding, 64x64 low-res masks
 
@@ -276,6 +277,48 @@ def test_segany_model_matches_official_model(settings: dict) -> None:
         assert ours["predicted_iou"] == pytest.approx(ref["predicted_iou"], abs=1e-4)
         assert ours["stability_score"] == pytest.approx(ref["stability_score"], abs=2e-2)
         assert np.abs(np.subtract(ours["bbox"], ref["bbox"])).max() <= 1
+        assert _mask_iou(ours, ref) > 0.98
+
+
+def test_prompts_failing_the_iou_filter_skip_upscaling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pred_iou_thresh set, the decoder upscales only the prompts that have a mask
+    over it (here about half): the records are still the official generator's."""
+    ours_model, official_model = random_model_pair(seed=1)
+    with torch.no_grad():
+        for model in (ours_model, official_model):
+            for mlp in model.mask_decoder.output_hypernetworks_mlps:
+                mlp.layers[-1].weight *= 30
+                mlp.layers[-1].bias *= 30
+    image = make_image(100, 140, seed=4)
+    probe = SamAutomaticMaskGenerator(ours_model, precision="fp32", points_per_side=6)
+    probe.predictor.set_image(image)
+    grid = probe.point_grids[0] * np.array(image.shape[1::-1])
+    with torch.no_grad():
+        ious = probe._decode(grid, image.shape[:2], ours_model.prompt_encoder.get_dense_pe())[1]
+    # Halfway between two predicted IoUs near the median of the prompts' best ones, so that
+    # float rounding (~1e-7 between the implementations) cannot move a mask across it.
+    values = ious.flatten().sort().values
+    above = int(torch.searchsorted(values, ious.max(dim=1).values.median()))
+    threshold = float(values[above - 1] + values[above]) / 2
+    wanted_flags: list[bool] = []
+    original = MaskDecoder._masks
+
+    def spy(self, src, hyper_in, size, wanted=None):
+        wanted_flags.extend(wanted or [])
+        return original(self, src, hyper_in, size, wanted)
+
+    monkeypatch.setattr(MaskDecoder, "_masks", spy)
+    options = {"points_per_side": 6, "pred_iou_thresh": threshold,
+               "stability_score_thresh": 0.0, "box_nms_thresh": 1.0,
+               "output_mode": "uncompressed_rle"}  # fmt: skip
+    expected = _sorted(OfficialGenerator(official_model, **options).generate(image))
+    generator = SamAutomaticMaskGenerator(ours_model, precision="fp32", **options)
+    got = _sorted(generator.generate(image))
+    assert 0 < wanted_flags.count(False) < len(wanted_flags) == 36
+    assert len(got) == len(expected) > 10
+    for ours, ref in zip(got, expected, strict=True):
+        assert ours["point_coords"] == ref["point_coords"]
+        assert ours["predicted_iou"] == pytest.approx(ref["predicted_iou"], abs=1e-4)
         assert _mask_iou(ours, ref) > 0.98
 
 

@@ -261,6 +261,27 @@ def _decode_both(ours, official, seed: int):
     return got, expected
 
 
+def test_min_iou_skips_only_sets_without_a_passing_mask(decoder_pair) -> None:
+    """Sets with a returned mask over min_iou get exactly the masks of a full decode; the
+    others get -inf logits and their IoU predictions all the same."""
+    ours, _ = decoder_pair
+    g = torch.Generator().manual_seed(12)
+    embedding = torch.randn((1, 256, 64, 64), generator=g)
+    points = (torch.rand((8, 2, 2), generator=g) * 1024, torch.ones(8, 2, dtype=torch.int))
+    with torch.no_grad():
+        sparse, dense = ours.prompt_encoder(points=points, boxes=None, masks=None)
+        pe = ours.prompt_encoder.get_dense_pe()
+        full_masks, full_iou = ours.mask_decoder(embedding, pe, sparse, dense, True)
+        best = full_iou.max(dim=1).values
+        threshold = float(best.median())
+        masks, iou = ours.mask_decoder(embedding, pe, sparse, dense, True, min_iou=threshold)
+    torch.testing.assert_close(iou, full_iou, atol=0, rtol=0)
+    kept = best > threshold
+    assert 0 < int(kept.sum()) < 8
+    torch.testing.assert_close(masks[kept], full_masks[kept], atol=0, rtol=0)
+    assert bool((masks[~kept] == float("-inf")).all())
+
+
 def test_hypernetworks_follow_weight_changes() -> None:
     """The stacked hypernetwork weights kept between calls are rebuilt after the weights
     change in place (as an optimiser step does), and gradients reach the parameters."""

@@ -35,6 +35,7 @@ from segany.masks import (
     stability_score,
 )
 from segany.modeling import Sam
+from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.sam import upscale_logits
 from segany.predictor import SamPredictor
 
@@ -425,7 +426,16 @@ class SamAutomaticMaskGenerator:
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=True,
+                **self._decoder_options(),
             )
+
+    def _decoder_options(self) -> dict[str, float]:
+        """segany's decoder skips upscaling the prompts the IoU filter will drop whole (its
+        masks are most of a decode); another decoder (any official-API module) is called
+        as the official generator calls it."""
+        if self.pred_iou_thresh > 0.0 and isinstance(self.model.mask_decoder, MaskDecoder):
+            return {"min_iou": self.pred_iou_thresh}
+        return {}
 
     def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
         """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""

@@ -117,8 +117,10 @@ class Precision:
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        **options: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mask_decoder(...)`` in this precision, inside :meth:`decoder`'s context.
+        """``mask_decoder(...)`` in this precision, inside :meth:`decoder`'s context;
+        ``options`` go to the decoder as keywords (``min_iou`` of segany's decoder).
 
         Returns float32 mask logits (B, C, 4h, 4w) and IoU predictions (B, C).
         """
@@ -127,7 +129,7 @@ class Precision:
             dtype = self.decoder_dtype
             mask_decoder = _cast_copy(mask_decoder, dtype)
             inputs = tuple(_cast(x, dtype) for x in inputs)
-        masks, iou_pred = mask_decoder(*inputs, multimask_output=multimask_output)
+        masks, iou_pred = mask_decoder(*inputs, multimask_output=multimask_output, **options)
         return masks.float(), iou_pred.float()
 
     def encode(

@@ -90,6 +90,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        min_iou: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -99,6 +100,10 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings: (B, N, C) prompt tokens.
             dense_prompt_embeddings: (B, C, h, w) mask-prompt embedding.
             multimask_output: return the 3 multimask outputs instead of the single one.
+            min_iou: upscale only the prompt sets with a returned mask whose predicted IoU
+                (in float32) is above this; the others' logits are -inf (empty masks).
+                For callers that drop masks under a predicted-IoU threshold anyway, as the
+                automatic mask generator does: the upscaling is most of a decode.
 
         Returns:
             Mask logits (B, 3 or 1, 4h, 4w) and predicted IoU (B, 3 or 1).
@@ -110,6 +115,7 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             mask_tokens=selected,
+            min_iou=min_iou,
         )
         return masks, iou_pred[:, selected]
 
@@ -120,9 +126,11 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         mask_tokens: slice = slice(None),
+        min_iou: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks (B, M, 4h, 4w) of the ``mask_tokens`` (default: all ``num_mask_tokens``;
-        only those are computed) and IoU predictions (B, num_mask_tokens) of all."""
+        only those are computed; with ``min_iou``, as in :meth:`forward`) and IoU
+        predictions (B, num_mask_tokens) of all."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
@@ -146,6 +154,7 @@ class MaskDecoder(nn.Module):
                 image_pe,
                 tokens[start : start + PROMPT_CHUNK],
                 mask_tokens,
+                min_iou,
             )
             for start in range(0, batch, PROMPT_CHUNK)
         ]
@@ -158,16 +167,20 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         tokens: torch.Tensor,
         mask_tokens: slice,
+        min_iou: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict_masks` for (1 or B, C, h, w) ``src`` (image embedding plus dense
         prompt) and (B, N, C) tokens."""
         size = (src.shape[-2], src.shape[-1])
         hs, src = self.transformer(src, image_pe, tokens, output_tokens=1 + self.num_mask_tokens)
-        iou_token_out = hs[:, 0, :]
+        iou_pred = self.iou_prediction_head(hs[:, 0, :])
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         selected = range(self.num_mask_tokens)[mask_tokens]
         hyper_in = self._hypernetworks(mask_tokens_out[:, mask_tokens], selected)
-        return self._masks(src, hyper_in, size), self.iou_prediction_head(iou_token_out)
+        wanted = None
+        if min_iou is not None:
+            wanted = (iou_pred[:, mask_tokens].float() > min_iou).any(dim=1).tolist()
+        return self._masks(src, hyper_in, size, wanted), iou_pred
 
     def _hypernetworks(self, tokens: torch.Tensor, selected: range) -> torch.Tensor:
         """The ``selected`` hypernetwork MLPs on their mask tokens (B, M, C) -> (B, M, C / 8),
@@ -209,10 +222,15 @@ class MaskDecoder(nn.Module):
         return layers
 
     def _masks(
-        self, src: torch.Tensor, hyper_in: torch.Tensor, size: tuple[int, int]
+        self,
+        src: torch.Tensor,
+        hyper_in: torch.Tensor,
+        size: tuple[int, int],
+        wanted: list[bool] | None = None,
     ) -> torch.Tensor:
         """Mask logits (B, T, 4h, 4w) from transformer output (B, h * w, C) and the
-        hypernetwork weights (B, T, C / 8), one prompt set at a time.
+        hypernetwork weights (B, T, C / 8), one prompt set at a time; the sets not
+        ``wanted`` (default: all are) get -inf.
 
         The output upscaling runs as matrix products: a 2x2 stride-2 transposed convolution
         maps each input pixel to a 2x2 block on its own, so it is a linear layer. Taken one
@@ -227,7 +245,11 @@ class MaskDecoder(nn.Module):
         height, width = size
         first_rows, second_rows = _kernel_rows(first), _kernel_rows(second)
         masks = []
-        for features, weights in zip(src, hyper_in, strict=True):
+        for index, (features, weights) in enumerate(zip(src, hyper_in, strict=True)):
+            if wanted is not None and not wanted[index]:
+                shape = (weights.shape[0], 4 * height, 4 * width)
+                masks.append(features.new_full(shape, float("-inf")))
+                continue
             rows = []
             for w1, b1 in first_rows:
                 x = F.linear(features, w1, b1).view(-1, w1.shape[0] // 2)  # pixels (y, x, j)
