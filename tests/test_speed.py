@@ -250,12 +250,19 @@ def test_per_set_embeddings_equal_official(decoder_pair) -> None:
             torch.testing.assert_close(got_iou, expected_iou, atol=ATOL, rtol=0)
 
 
-def _decode_both(ours, official, seed: int):
+def _random_decoder_inputs(model, seed: int, sets: int, points: int):
+    """(embedding, grid encoding, sparse, dense) for ``sets`` sets of random foreground
+    clicks on one random embedding."""
     g = torch.Generator().manual_seed(seed)
     embedding = torch.randn((1, 256, 64, 64), generator=g)
-    points = (torch.rand((2, 3, 2), generator=g) * 1024, torch.ones(2, 3, dtype=torch.int))
-    sparse, dense = ours.prompt_encoder(points=points, boxes=None, masks=None)
-    pe = ours.prompt_encoder.get_dense_pe()
+    clicks = torch.rand((sets, points, 2), generator=g) * 1024
+    labels = torch.ones(sets, points, dtype=torch.int)
+    sparse, dense = model.prompt_encoder(points=(clicks, labels), boxes=None, masks=None)
+    return embedding, model.prompt_encoder.get_dense_pe(), sparse, dense
+
+
+def _decode_both(ours, official, seed: int):
+    embedding, pe, sparse, dense = _random_decoder_inputs(ours, seed, sets=2, points=3)
     got = ours.mask_decoder(embedding, pe, sparse, dense, True)
     expected = official.mask_decoder(embedding, pe, sparse[:1], dense[:1], True)
     return got, expected
@@ -265,12 +272,8 @@ def test_min_iou_skips_only_sets_without_a_passing_mask(decoder_pair) -> None:
     """Sets with a returned mask over min_iou get exactly the masks of a full decode; the
     others get -inf logits and their IoU predictions all the same."""
     ours, _ = decoder_pair
-    g = torch.Generator().manual_seed(12)
-    embedding = torch.randn((1, 256, 64, 64), generator=g)
-    points = (torch.rand((8, 2, 2), generator=g) * 1024, torch.ones(8, 2, dtype=torch.int))
     with torch.no_grad():
-        sparse, dense = ours.prompt_encoder(points=points, boxes=None, masks=None)
-        pe = ours.prompt_encoder.get_dense_pe()
+        embedding, pe, sparse, dense = _random_decoder_inputs(ours, 12, sets=8, points=2)
         full_masks, full_iou = ours.mask_decoder(embedding, pe, sparse, dense, True)
         best = full_iou.max(dim=1).values
         threshold = float(best.median())
