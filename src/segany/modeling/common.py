@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,17 +66,27 @@ class ConvNormAct(nn.Sequential):
         Kept until a parameter or statistic changes, unless gradients must flow into them.
         """
         conv, norm = self[0], self[1]
-        tensors = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-        cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        key = tuple((t.data_ptr(), t._version) for t in tensors) if cacheable else ()
-        if cacheable and self._folded_cache is not None and self._folded_cache[0] == key:
+        stats = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        key = weights_key((conv.weight, *stats))
+        if key is not None and self._folded_cache is not None and self._folded_cache[0] == key:
             return self._folded_cache[1], self._folded_cache[2]
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         weight = conv.weight * scale.view(-1, 1, 1, 1)
         bias = norm.bias - norm.running_mean * scale
-        if cacheable:
+        if key is not None:
             self._folded_cache = (key, weight, bias)
         return weight, bias
+
+
+def weights_key(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...] | None:
+    """A key that changes whenever one of ``tensors`` is replaced or edited in place, for
+    caching what is derived from weights; None when it must not be cached: while tracing
+    or compiling (the tensors may have no data) or when gradients must reach them."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def sam_neck(in_chans: int, out_chans: int) -> nn.Sequential:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, weights_key
 
 # Prompt sets decoded together. The per-set image features (4 MB each at SAM's size) of a
 # few sets stay in cache between the decoder's passes over them; 64 at once (the mask
@@ -201,12 +201,8 @@ class MaskDecoder(nn.Module):
         then they are stacked on each call, so that gradients reach the parameters)."""
         mlps = [self.output_hypernetworks_mlps[i] for i in selected]
         params = [t for mlp in mlps for layer in mlp.layers for t in (layer.weight, layer.bias)]
-        # Traced and compiled graphs stack in the graph (their parameters may have no data).
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        cacheable = not tracing and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in params)
-        )
-        key = (selected, *((t.data_ptr(), t._version) for t in params)) if cacheable else None
+        weights = weights_key(params)
+        key = None if weights is None else (selected, weights)
         cached = self._hypernetwork_cache
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]

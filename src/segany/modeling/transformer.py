@@ -166,13 +166,9 @@ class Attention(nn.Module):
     def _image_query_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Scaled scores (B, heads, T, N) of projected tokens (B, heads, T, d) against
         projected image queries (1 or B, heads, N, d)."""
-        batch, heads, tokens, head_dim = k.shape
-        k = k * head_dim**-0.5
-        if q.shape[0] == 1 and batch > 1:
-            # One product per head against all B x T tokens at once.
-            stacked = k.transpose(0, 1).reshape(heads, batch * tokens, head_dim)
-            scores = (stacked @ q[0].mT).view(heads, batch, tokens, -1)
-            return scores.transpose(0, 1)
+        k = k * k.shape[-1] ** -0.5
+        if q.shape[0] == 1:  # one product per head against all B x T tokens at once
+            return _per_head_product(k, q[0].mT)
         return k @ q.mT
 
     def _image_query_scores_folded(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
