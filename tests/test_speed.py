@@ -285,6 +285,54 @@ def test_min_iou_skips_only_sets_without_a_passing_mask(decoder_pair) -> None:
     assert bool((masks[~kept] == float("-inf")).all())
 
 
+def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes against one image reuse its prepared side (first-layer projections made
+    once); a decode equals the official decoder after the embedding is edited in place or
+    replaced by a new tensor at the same address, and after the projection weights or the
+    no-mask embedding change."""
+    from segany.modeling.transformer import TwoWayTransformer
+
+    ours, official = make_model_pair("tiny", seed=10)
+    prepared = []
+    original = TwoWayTransformer.prepare_image
+
+    def spy(self, *args, **kwargs):
+        prepared.append(kwargs.get("project", args[2] if len(args) > 2 else True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TwoWayTransformer, "prepare_image", spy)
+
+    def check(embedding: torch.Tensor, seed: int) -> None:
+        _, pe, sparse, dense = _random_decoder_inputs(ours, seed, sets=1, points=2)
+        got = ours.mask_decoder(embedding[:1], pe, sparse, dense, True)
+        expected = official.mask_decoder(embedding[:1], pe, sparse, dense, True)
+        for value, reference in zip(got, expected, strict=True):
+            torch.testing.assert_close(value, reference, atol=ATOL, rtol=0)
+
+    layer = "transformer.layers.0.cross_attn_token_to_image.k_proj.weight"
+    with torch.no_grad():
+        embedding = torch.randn((1, 256, 64, 64))
+        for seed in range(3):
+            check(embedding, seed)
+        assert prepared == [True]
+        embedding.mul_(-1.5)
+        check(embedding, 3)
+        # The same memory under a new tensor, its values changed behind torch's back.
+        array = np.random.default_rng(0).standard_normal((1, 256, 64, 64), dtype=np.float32)
+        check(torch.from_numpy(array), 4)
+        array *= -2.0
+        check(torch.from_numpy(array), 5)
+        assert len(prepared) == 4
+        check(embedding, 6)
+        for model in (ours, official):
+            model.mask_decoder.get_parameter(layer).mul_(0.5)
+        check(embedding, 7)
+        for model in (ours, official):
+            model.prompt_encoder.no_mask_embed.weight.add_(0.25)
+        check(embedding, 8)
+        assert len(prepared) == 7
+
+
 def test_hypernetworks_follow_weight_changes() -> None:
     """The stacked hypernetwork weights kept between calls are rebuilt after the weights
     change in place (as an optimiser step does), and gradients reach the parameters."""

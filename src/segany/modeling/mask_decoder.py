@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from itertools import pairwise
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, weights_key
+from .transformer import PreparedImage, TwoWayTransformer
 
 # Prompt sets decoded together. The per-set image features (4 MB each at SAM's size) of a
 # few sets stay in cache between the decoder's passes over them; 64 at once (the mask
@@ -54,7 +56,7 @@ class MaskDecoder(nn.Module):
         self,
         *,
         transformer_dim: int,
-        transformer: nn.Module,
+        transformer: TwoWayTransformer,
         num_multimask_outputs: int = 3,
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
@@ -82,6 +84,7 @@ class MaskDecoder(nn.Module):
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
         self._hypernetwork_cache: tuple[tuple[object, ...], list] | None = None
+        self._image_cache: _ImageCache | None = None
 
     def forward(
         self,
@@ -147,32 +150,78 @@ class MaskDecoder(nn.Module):
         dense = dense_prompt_embeddings
         if dense.shape[0] > 1 and dense.stride(0) == 0:
             dense = dense[:1]
-        src = image_embeddings + dense
-        parts = [
-            self._predict_chunk(
-                src if src.shape[0] == 1 else src[start : start + PROMPT_CHUNK],
-                image_pe,
-                tokens[start : start + PROMPT_CHUNK],
-                mask_tokens,
-                min_iou,
-            )
-            for start in range(0, batch, PROMPT_CHUNK)
-        ]
+        size = (image_embeddings.shape[-2], image_embeddings.shape[-1])
+        shared = self._shared_image(image_embeddings, image_pe, dense, batch)
+        src = image_embeddings + dense if shared is None else None
+        parts = []
+        for start in range(0, batch, PROMPT_CHUNK):
+            image = shared
+            if image is None:
+                chunk_src = src[start : start + PROMPT_CHUNK]
+                image = self.transformer.prepare_image(chunk_src, image_pe, project=False)
+            chunk = tokens[start : start + PROMPT_CHUNK]
+            parts.append(self._predict_chunk(image, chunk, size, mask_tokens, min_iou))
         masks, iou_pred = zip(*parts, strict=True)
         return torch.cat(masks), torch.cat(iou_pred)
 
+    def _shared_image(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense: torch.Tensor,
+        batch: int,
+    ) -> PreparedImage | None:
+        """The transformer's image side when one (1, C, h, w) embedding and dense prompt
+        serve all ``batch`` prompt sets, else None.
+
+        With a dense prompt uniform over the grid (the no-mask embedding), the side is
+        prepared with its first-layer projections and kept for the next call against the
+        same image (the clicks of an interactive session, the generator's batches): they
+        are most of the first layer's work against the image. Otherwise they are made
+        only when several chunks of this call will read them.
+        """
+        if image_embeddings.shape[0] != 1 or dense.shape[0] != 1:
+            return None
+        sources = (image_embeddings, image_pe)
+        key = self._image_key(sources, dense)
+        cache = self._image_cache
+        if key is not None and cache is not None and cache.matches(sources, key, dense):
+            return cache.image
+        project = key is not None or batch > PROMPT_CHUNK
+        image = self.transformer.prepare_image(image_embeddings + dense, image_pe, project)
+        self._image_cache = None if key is None else _ImageCache(sources, key, dense, image)
+        return image
+
+    def _image_key(
+        self, sources: tuple[torch.Tensor, ...], dense: torch.Tensor
+    ) -> tuple[object, ...] | None:
+        """What a prepared image side depends on besides the identity of ``sources`` (the
+        embedding and the grid encoding) and the dense prompt's value; None when it must
+        not be kept: a dense prompt that varies over the grid (a mask prompt, different
+        on every call), gradients wanted, tracing or compiling."""
+        if dense.stride(-1) != 0 or dense.stride(-2) != 0:
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*sources, dense)):
+            return None
+        weights = weights_key(self.transformer.first_layer_weights())
+        if weights is None:
+            return None
+        device = dense.device.type
+        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        geometry = tuple((t._version, t.storage_offset(), t.shape, t.stride()) for t in sources)
+        return geometry, weights, autocast, tuple(t.dtype for t in (*sources, dense))
+
     def _predict_chunk(
         self,
-        src: torch.Tensor,
-        image_pe: torch.Tensor,
+        image: PreparedImage,
         tokens: torch.Tensor,
+        size: tuple[int, int],
         mask_tokens: slice,
         min_iou: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`predict_masks` for (1 or B, C, h, w) ``src`` (image embedding plus dense
-        prompt) and (B, N, C) tokens."""
-        size = (src.shape[-2], src.shape[-1])
-        hs, src = self.transformer(src, image_pe, tokens, output_tokens=1 + self.num_mask_tokens)
+        """:meth:`predict_masks` for an image side of batch 1 or B and (B, N, C) tokens, on
+        an (h, w) = ``size`` grid."""
+        hs, src = self.transformer.decode(image, tokens, output_tokens=1 + self.num_mask_tokens)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         selected = range(self.num_mask_tokens)[mask_tokens]
@@ -278,3 +327,36 @@ def _kernel_rows(
     bias = None if conv.bias is None else conv.bias.repeat(2)
     # (in, out, i, j) -> for each i: (j, out, in)
     return [(conv.weight[:, :, i].permute(2, 1, 0).flatten(0, 1), bias) for i in range(2)]
+
+
+def _owner(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory ``tensor`` views (itself if it is not a view)."""
+    return tensor if tensor._base is None else tensor._base
+
+
+class _ImageCache:
+    """A prepared image side with what it was made from: the tensors owning the memory of
+    the embedding and of the grid encoding, held weakly (a new image may reuse a freed
+    one's address, never a live tensor's), a key of their versions, views, dtypes and the
+    weights, and the dense prompt's vector."""
+
+    def __init__(
+        self,
+        sources: tuple[torch.Tensor, ...],
+        key: tuple[object, ...],
+        dense: torch.Tensor,
+        image: PreparedImage,
+    ) -> None:
+        self._owners = [weakref.ref(_owner(t)) for t in sources]
+        self._key = key
+        self._dense = dense[0, :, 0, 0].clone()
+        self.image = image
+
+    def matches(
+        self, sources: tuple[torch.Tensor, ...], key: tuple[object, ...], dense: torch.Tensor
+    ) -> bool:
+        return (
+            key == self._key
+            and all(ref() is _owner(t) for ref, t in zip(self._owners, sources, strict=True))
+            and torch.equal(dense[0, :, 0, 0], self._dense)
+        )

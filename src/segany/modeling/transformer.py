@@ -10,11 +10,44 @@ see :class:`Attention`), which skips projecting the 4096 image tokens at all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
+
+
+@dataclass
+class ImageProjections:
+    """One layer's cross-attention projections of a batch-1 image side, per head.
+
+    Attributes:
+        token_to_image: keys (with positional encoding) transposed, (1, heads, head_dim, N),
+            and values, (1, heads, N, head_dim), of the token-to-image attention.
+        image_to_token_queries: queries (with positional encoding) of the image-to-token
+            attention, transposed: (1, heads, head_dim, N).
+    """
+
+    token_to_image: tuple[torch.Tensor, torch.Tensor]
+    image_to_token_queries: torch.Tensor
+
+
+@dataclass
+class PreparedImage:
+    """The image side of the two-way transformer, from :meth:`TwoWayTransformer.prepare_image`.
+
+    Attributes:
+        keys: (1 or B, N, C) image tokens (embedding plus dense prompt, N = h * w).
+        key_pe: (1, N, C) their positional encoding.
+        first_layer: the first layer's projections of them (batch 1 only), or None to
+            make them (or fold them into the tokens) on each decode.
+    """
+
+    keys: torch.Tensor
+    key_pe: torch.Tensor
+    first_layer: ImageProjections | None = None
 
 
 class Attention(nn.Module):
@@ -96,19 +129,32 @@ class Attention(nn.Module):
 
     # -- token-to-image ----------------------------------------------------------------
 
-    def token_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def token_to_image(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Tokens attending to the image: :meth:`forward` with a shareable image side.
 
         Args:
             q: (B, T, C) tokens.
             k, v: (1 or B, N, C) image keys and values; batch 1 is shared by the B token sets.
+                Not read when ``projected`` is given.
+            projected: a batch-1 ``k`` and ``v`` already through this attention's
+                projections, from :meth:`project_keys`.
 
         Returns:
             (B, T, C).
         """
         batch, tokens, _ = q.shape
         q = self._split_heads(self.q_proj(q))  # (B, heads, T, head_dim)
-        if self._fold_image_projection(batch, k.shape[0], tokens):
+        if projected is not None:
+            keys_t, values = projected
+            scores = _per_head_product(q * self.head_dim**-0.5, keys_t[0])
+            out = _per_head_product(scores.softmax(dim=-1), values[0])
+        elif self._fold_image_projection(batch, k.shape[0], tokens):
             out = self._token_to_image_folded(q, k, v)
         else:
             k, v = self._split_heads(self.k_proj(k)), self._split_heads(self.v_proj(v))
@@ -132,15 +178,34 @@ class Attention(nn.Module):
 
     # -- image-to-token ----------------------------------------------------------------
 
+    def project_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image keys and values (1, N, C) through the key and value projections, per head:
+        keys transposed (1, heads, head_dim, N) and values (1, heads, N, head_dim), both
+        contiguous, as the products of ``token_to_image(projected=)`` read them."""
+        keys_t = self._split_heads(self.k_proj(k)).mT.contiguous()
+        return keys_t, self._split_heads(self.v_proj(v)).contiguous()
+
+    def project_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Image queries (1, N, C) through the query projection, per head and transposed:
+        (1, heads, head_dim, N) contiguous, for ``image_to_token(projected_q=)``."""
+        return self._split_heads(self.q_proj(q)).mT.contiguous()
+
     def image_to_token(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor
+        self,
+        q: torch.Tensor | None,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor,
+        projected_q: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The image attending to the tokens, plus a residual: ``residual + forward(q, k, v)``.
 
         Args:
-            q: (1 or B, N, C) image queries; batch 1 is shared by the B token sets.
+            q: (1 or B, N, C) image queries; batch 1 is shared by the B token sets. Not read
+                when ``projected_q`` is given.
             k, v: (B, T, C) tokens.
             residual: (1 or B, N, C) added to the output.
+            projected_q: ``q`` already through :meth:`project_queries`.
 
         Returns:
             (B, N, C).
@@ -148,10 +213,12 @@ class Attention(nn.Module):
         batch, tokens, _ = k.shape
         k = self._split_heads(self.k_proj(k))  # (B, heads, T, head_dim)
         v = self._split_heads(self.v_proj(v))
-        if self._fold_image_projection(batch, q.shape[0], tokens):
+        if projected_q is not None:
+            scores = self._image_query_scores(projected_q, k)
+        elif self._fold_image_projection(batch, q.shape[0], tokens):
             scores = self._image_query_scores_folded(q, k)
         else:
-            scores = self._image_query_scores(self._split_heads(self.q_proj(q)), k)
+            scores = self._image_query_scores(self._split_heads(self.q_proj(q)).mT, k)
         # Softmax over the T tokens of each head, a middle axis: N stays the fast one.
         probs = scores.softmax(dim=2)  # (B, heads, T, N)
         if self._fold_output_projection(tokens):
@@ -163,13 +230,13 @@ class Attention(nn.Module):
             return _add_product(residual, probs.reshape(batch, -1, probs.shape[-1]).mT, values)
         return residual + self.out_proj(self._merge_heads(probs.transpose(-1, -2) @ v))
 
-    def _image_query_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _image_query_scores(self, queries_t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Scaled scores (B, heads, T, N) of projected tokens (B, heads, T, d) against
-        projected image queries (1 or B, heads, N, d)."""
+        projected image queries, transposed: (1 or B, heads, d, N)."""
         k = k * k.shape[-1] ** -0.5
-        if q.shape[0] == 1:  # one product per head against all B x T tokens at once
-            return _per_head_product(k, q[0].mT)
-        return k @ q.mT
+        if queries_t.shape[0] == 1:  # one product per head against all B x T tokens at once
+            return _per_head_product(k, queries_t[0])
+        return k @ queries_t
 
     def _image_query_scores_folded(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """:meth:`_image_query_scores` for unprojected image queries (1 or B, N, C), the
@@ -268,14 +335,25 @@ class TwoWayAttentionBlock(nn.Module):
         )
         self.skip_first_layer_pe = skip_first_layer_pe
 
+    def project_image(self, keys: torch.Tensor, key_pe: torch.Tensor) -> ImageProjections:
+        """This layer's projections of image keys (1, N, C) with their positional
+        encoding (1, N, C), for :meth:`forward`'s ``projections``."""
+        keys_with_pe = keys + key_pe
+        return ImageProjections(
+            token_to_image=self.cross_attn_token_to_image.project_keys(keys_with_pe, keys),
+            image_to_token_queries=self.cross_attn_image_to_token.project_queries(keys_with_pe),
+        )
+
     def forward(
         self,
         queries: torch.Tensor,
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
+        projections: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries, query_pe: (B, T, C); keys: (1 or B, N, C); key_pe: (1, N, C).
+        """queries, query_pe: (B, T, C); keys: (1 or B, N, C); key_pe: (1, N, C);
+        ``projections``: :meth:`project_image` of these keys, if already made.
 
         Returns queries (B, T, C) and keys (B, N, C).
         """
@@ -287,15 +365,24 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
 
-        keys_with_pe = keys + key_pe
+        keys_with_pe = None if projections is not None else keys + key_pe
         q = queries + query_pe
-        attn = self.cross_attn_token_to_image.token_to_image(q=q, k=keys_with_pe, v=keys)
+        attn = self.cross_attn_token_to_image.token_to_image(
+            q=q,
+            k=keys_with_pe,
+            v=keys,
+            projected=None if projections is None else projections.token_to_image,
+        )
         queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
         keys = self.cross_attn_image_to_token.image_to_token(
-            q=keys_with_pe, k=q, v=queries, residual=keys
+            q=keys_with_pe,
+            k=q,
+            v=queries,
+            residual=keys,
+            projected_q=None if projections is None else projections.image_to_token_queries,
         )
         return queries, self.norm4(keys)
 
@@ -361,13 +448,51 @@ class TwoWayTransformer(nn.Module):
         Returns:
             Processed tokens (B, N or output_tokens, C) and image features (B, h * w, C).
         """
+        image = self.prepare_image(image_embedding, image_pe, project=False)
+        return self.decode(image, point_embedding, output_tokens)
+
+    def prepare_image(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, project: bool = True
+    ) -> PreparedImage:
+        """The image side of :meth:`forward` as :meth:`decode` reads it, with the first
+        layer's projections of it when ``project`` and it has batch 1 (worth it when many
+        prompt sets are decoded against one image: they are most of that layer's image
+        work, and the products against them are small)."""
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         # Contiguous once here rather than a strided read in each of the additions below.
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        project = project and self.depth > 0 and keys.shape[0] == 1
+        first = self.layers[0].project_image(keys, key_pe) if project else None
+        return PreparedImage(keys=keys, key_pe=key_pe, first_layer=first)
+
+    def first_layer_weights(self) -> list[torch.Tensor]:
+        """The parameters that :meth:`prepare_image`'s projections are made with."""
+        if not self.depth:
+            return []
+        layer = self.layers[0]
+        linears = (
+            layer.cross_attn_token_to_image.k_proj,
+            layer.cross_attn_token_to_image.v_proj,
+            layer.cross_attn_image_to_token.q_proj,
+        )
+        return [t for linear in linears for t in (linear.weight, linear.bias)]
+
+    def decode(
+        self,
+        image: PreparedImage,
+        point_embedding: torch.Tensor,
+        output_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on an image side from :meth:`prepare_image`."""
+        keys, key_pe = image.keys, image.key_pe
         queries = point_embedding
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             queries, keys = layer(
-                queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe
+                queries=queries,
+                keys=keys,
+                query_pe=point_embedding,
+                key_pe=key_pe,
+                projections=image.first_layer if index == 0 else None,
             )
         queries, point_embedding = queries[:, :output_tokens], point_embedding[:, :output_tokens]
         attn_out = self.final_attn_token_to_image.token_to_image(
