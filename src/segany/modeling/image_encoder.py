@@ -141,12 +141,11 @@ def _attention_by_products_is_faster(q: torch.Tensor) -> bool:
 
     Measured on CPU (2 cores, ViT-B embedding): with a bias, the fused CPU kernel reaches
     only ~90 GFLOP/s in bfloat16, and products make the whole embedding 1.4x faster; in
-    float32 they tie, so float32 keeps the fused kernel. Products write into
-    preallocated chunks, so only for eager inference; on GPUs the fused kernels win.
+    float32 they tie, so float32 keeps the fused kernel. Under ``torch.compile`` too
+    (compiled bfloat16 embedding 3.8 s with products, 5.1 s with the fused kernel);
+    not for tracing (ONNX keeps one attention node); on GPUs the fused kernels win.
     """
-    if q.device.type != "cpu" or q.dtype == torch.float32:
-        return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if q.device.type != "cpu" or q.dtype == torch.float32 or torch.jit.is_tracing():
         return False
     return not (torch.is_grad_enabled() and q.requires_grad)
 
