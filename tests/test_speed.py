@@ -309,7 +309,8 @@ def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> 
         for value, reference in zip(got, expected, strict=True):
             torch.testing.assert_close(value, reference, atol=ATOL, rtol=0)
 
-    layer = "transformer.layers.0.cross_attn_token_to_image.k_proj.weight"
+    first = "transformer.layers.0.cross_attn_token_to_image.k_proj.weight"
+    final = "transformer.final_attn_token_to_image.k_proj.weight"  # its encoding term
     with torch.no_grad():
         embedding = torch.randn((1, 256, 64, 64))
         for seed in range(3):
@@ -324,13 +325,14 @@ def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> 
         check(torch.from_numpy(array), 5)
         assert len(prepared) == 4
         check(embedding, 6)
-        for model in (ours, official):
-            model.mask_decoder.get_parameter(layer).mul_(0.5)
-        check(embedding, 7)
+        for seed, name in enumerate((first, final), start=7):
+            for model in (ours, official):
+                model.mask_decoder.get_parameter(name).mul_(0.5)
+            check(embedding, seed)
         for model in (ours, official):
             model.prompt_encoder.no_mask_embed.weight.add_(0.25)
-        check(embedding, 8)
-        assert len(prepared) == 7
+        check(embedding, 9)
+        assert len(prepared) == 8
 
 
 def test_hypernetworks_follow_weight_changes() -> None:

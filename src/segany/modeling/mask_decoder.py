@@ -203,7 +203,7 @@ class MaskDecoder(nn.Module):
             return None
         if torch.is_grad_enabled() and any(t.requires_grad for t in (*sources, dense)):
             return None
-        weights = weights_key(self.transformer.first_layer_weights())
+        weights = weights_key(self.transformer.prepared_weights())
         if weights is None:
             return None
         device = dense.device.type
