@@ -286,8 +286,8 @@ def test_min_iou_skips_only_sets_without_a_passing_mask(decoder_pair) -> None:
 
 
 def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decodes against one image reuse its prepared side (first-layer projections made
-    once); a decode equals the official decoder after the embedding is edited in place or
+    """Decodes with keep_image against one image reuse its prepared side (projections
+    made once); a decode equals the official decoder after the embedding is edited in place or
     replaced by a new tensor at the same address, and after the projection weights or the
     no-mask embedding change."""
     from segany.modeling.transformer import TwoWayTransformer
@@ -304,7 +304,7 @@ def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> 
 
     def check(embedding: torch.Tensor, seed: int) -> None:
         _, pe, sparse, dense = _random_decoder_inputs(ours, seed, sets=1, points=2)
-        got = ours.mask_decoder(embedding[:1], pe, sparse, dense, True)
+        got = ours.mask_decoder(embedding[:1], pe, sparse, dense, True, keep_image=True)
         expected = official.mask_decoder(embedding[:1], pe, sparse, dense, True)
         for value, reference in zip(got, expected, strict=True):
             torch.testing.assert_close(value, reference, atol=ATOL, rtol=0)
@@ -333,6 +333,41 @@ def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> 
             model.prompt_encoder.no_mask_embed.weight.add_(0.25)
         check(embedding, 9)
         assert len(prepared) == 8
+        # Without keep_image (the official API's call) nothing is projected or kept.
+        _, pe, sparse, dense = _random_decoder_inputs(ours, 10, sets=1, points=2)
+        for _ in range(2):
+            ours.mask_decoder(embedding, pe, sparse, dense, True)
+        assert prepared[8:] == [False, False]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_predictor_and_generator_keep_the_image_side(
+    monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """The predictor's clicks and the generator's batches on one image prepare its side
+    once (the bf16 decoder copy keeps its own)."""
+    from segany.modeling.transformer import TwoWayTransformer
+
+    model, _ = make_model_pair("tiny", seed=11)
+    prepared = []
+    original = TwoWayTransformer.prepare_image
+
+    def spy(self, *args, **kwargs):
+        prepared.append(kwargs.get("project", args[2] if len(args) > 2 else True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TwoWayTransformer, "prepare_image", spy)
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    predictor = SamPredictor(model, precision=precision)
+    predictor.set_image(image)
+    for x in (10, 20, 30):
+        predictor.predict(point_coords=np.array([[x, 20]]), point_labels=np.array([1]))
+    assert prepared == [True]
+    generator = SamAutomaticMaskGenerator(
+        model, precision=precision, points_per_side=8, points_per_batch=16
+    )
+    generator.generate(image)
+    assert prepared == [True, True]
 
 
 def test_hypernetworks_follow_weight_changes() -> None:

@@ -429,13 +429,17 @@ class SamAutomaticMaskGenerator:
                 **self._decoder_options(),
             )
 
-    def _decoder_options(self) -> dict[str, float]:
-        """segany's decoder skips upscaling the prompts the IoU filter will drop whole (its
-        masks are most of a decode); another decoder (any official-API module) is called
-        as the official generator calls it."""
-        if self.pred_iou_thresh > 0.0 and isinstance(self.model.mask_decoder, MaskDecoder):
-            return {"min_iou": self.pred_iou_thresh}
-        return {}
+    def _decoder_options(self) -> dict[str, float | bool]:
+        """segany's decoder keeps the image side it prepares for the next batch, and skips
+        upscaling the prompts the IoU filter will drop whole (their masks are most of a
+        decode); another decoder (any official-API module) is called as the official
+        generator calls it."""
+        if not isinstance(self.model.mask_decoder, MaskDecoder):
+            return {}
+        options: dict[str, float | bool] = {"keep_image": True}
+        if self.pred_iou_thresh > 0.0:
+            options["min_iou"] = self.pred_iou_thresh
+        return options
 
     def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
         """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""

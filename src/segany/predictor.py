@@ -28,6 +28,7 @@ from .inputs import (
     check_points,
 )
 from .modeling import Sam
+from .modeling.mask_decoder import MaskDecoder
 from .modeling.prompt_encoder import NOT_A_POINT
 from .modeling.sam import upscale_logits_fast
 from .precision import resolve_precision
@@ -407,6 +408,7 @@ class SamPredictor:
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask_output,
+                    **self._decoder_options(),
                 )
             masks = upscale_logits_fast(
                 low_res,
@@ -417,6 +419,11 @@ class SamPredictor:
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res
+
+    def _decoder_options(self) -> dict[str, bool]:
+        """segany's decoder keeps what it prepares from the image for the next prompt (an
+        official-API decoder is called as the official predictor calls it)."""
+        return {"keep_image": True} if isinstance(self.model.mask_decoder, MaskDecoder) else {}
 
     # -- coordinate helpers ----------------------------------------------------
 

@@ -94,6 +94,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         min_iou: float | None = None,
+        keep_image: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -107,6 +108,9 @@ class MaskDecoder(nn.Module):
                 (in float32) is above this; the others' logits are -inf (empty masks).
                 For callers that drop masks under a predicted-IoU threshold anyway, as the
                 automatic mask generator does: the upscaling is most of a decode.
+            keep_image: keep the image side prepared for this call (the first layer's
+                projections of it) for the next call against the same image, for callers
+                that decode one image many times (the predictor, the generator).
 
         Returns:
             Mask logits (B, 3 or 1, 4h, 4w) and predicted IoU (B, 3 or 1).
@@ -119,6 +123,7 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings,
             mask_tokens=selected,
             min_iou=min_iou,
+            keep_image=keep_image,
         )
         return masks, iou_pred[:, selected]
 
@@ -130,10 +135,11 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         mask_tokens: slice = slice(None),
         min_iou: float | None = None,
+        keep_image: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks (B, M, 4h, 4w) of the ``mask_tokens`` (default: all ``num_mask_tokens``;
-        only those are computed; with ``min_iou``, as in :meth:`forward`) and IoU
-        predictions (B, num_mask_tokens) of all."""
+        only those are computed; ``min_iou`` and ``keep_image`` as in :meth:`forward`)
+        and IoU predictions (B, num_mask_tokens) of all."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
@@ -151,7 +157,7 @@ class MaskDecoder(nn.Module):
         if dense.shape[0] > 1 and dense.stride(0) == 0:
             dense = dense[:1]
         size = (image_embeddings.shape[-2], image_embeddings.shape[-1])
-        shared = self._shared_image(image_embeddings, image_pe, dense, batch)
+        shared = self._shared_image(image_embeddings, image_pe, dense, batch, keep_image)
         src = image_embeddings + dense if shared is None else None
         parts = []
         for start in range(0, batch, PROMPT_CHUNK):
@@ -170,26 +176,29 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         dense: torch.Tensor,
         batch: int,
+        keep_image: bool,
     ) -> PreparedImage | None:
         """The transformer's image side when one (1, C, h, w) embedding and dense prompt
         serve all ``batch`` prompt sets, else None.
 
-        With a dense prompt uniform over the grid (the no-mask embedding), the side is
-        prepared with its first-layer projections and kept for the next call against the
-        same image (the clicks of an interactive session, the generator's batches): they
-        are most of the first layer's work against the image. Otherwise they are made
-        only when several chunks of this call will read them.
+        With ``keep_image`` and a dense prompt uniform over the grid (the no-mask
+        embedding), the side is prepared with its projections and kept for the next call
+        against the same image (the clicks of an interactive session, the generator's
+        batches): they are most of the first layer's work against the image. Otherwise
+        they are made only when several chunks of this call will read them. A kept side
+        is made on the first call, so that a prompt gives the same numbers every time.
         """
         if image_embeddings.shape[0] != 1 or dense.shape[0] != 1:
             return None
         sources = (image_embeddings, image_pe)
-        key = self._image_key(sources, dense)
+        key = self._image_key(sources, dense) if keep_image else None
         cache = self._image_cache
         if key is not None and cache is not None and cache.matches(sources, key, dense):
             return cache.image
         project = key is not None or batch > PROMPT_CHUNK
         image = self.transformer.prepare_image(image_embeddings + dense, image_pe, project)
-        self._image_cache = None if key is None else _ImageCache(sources, key, dense, image)
+        if key is not None:
+            self._image_cache = _ImageCache(sources, key, dense, image)
         return image
 
     def _image_key(
