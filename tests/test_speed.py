@@ -285,15 +285,11 @@ def test_min_iou_skips_only_sets_without_a_passing_mask(decoder_pair) -> None:
     assert bool((masks[~kept] == float("-inf")).all())
 
 
-def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decodes with keep_image against one image reuse its prepared side (projections
-    made once); a decode equals the official decoder after the embedding is edited in place or
-    replaced by a new tensor at the same address, and after the projection weights or the
-    no-mask embedding change."""
+def _spy_prepare_image(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records the ``project`` flag of each TwoWayTransformer.prepare_image call."""
     from segany.modeling.transformer import TwoWayTransformer
 
-    ours, official = make_model_pair("tiny", seed=10)
-    prepared = []
+    prepared: list[bool] = []
     original = TwoWayTransformer.prepare_image
 
     def spy(self, *args, **kwargs):
@@ -301,6 +297,16 @@ def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> 
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TwoWayTransformer, "prepare_image", spy)
+    return prepared
+
+
+def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes with keep_image against one image reuse its prepared side (projections
+    made once); a decode equals the official decoder after the embedding is edited in
+    place or replaced by a new tensor at the same address, and after the projection
+    weights or the no-mask embedding change."""
+    ours, official = make_model_pair("tiny", seed=10)
+    prepared = _spy_prepare_image(monkeypatch)
 
     def check(embedding: torch.Tensor, seed: int) -> None:
         _, pe, sparse, dense = _random_decoder_inputs(ours, seed, sets=1, points=2)
@@ -346,17 +352,8 @@ def test_predictor_and_generator_keep_the_image_side(
 ) -> None:
     """The predictor's clicks and the generator's batches on one image prepare its side
     once (the bf16 decoder copy keeps its own)."""
-    from segany.modeling.transformer import TwoWayTransformer
-
     model, _ = make_model_pair("tiny", seed=11)
-    prepared = []
-    original = TwoWayTransformer.prepare_image
-
-    def spy(self, *args, **kwargs):
-        prepared.append(kwargs.get("project", args[2] if len(args) > 2 else True))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(TwoWayTransformer, "prepare_image", spy)
+    prepared = _spy_prepare_image(monkeypatch)
     image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     predictor = SamPredictor(model, precision=precision)
     predictor.set_image(image)
