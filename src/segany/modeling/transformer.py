@@ -5,7 +5,11 @@ Image-side tensors may have batch 1 while the tokens have batch B: one image emb
 generator. The cross attentions then project the shared image side once instead of B
 times. When B x heads x tokens is small against the inner dimension, as for one prompt
 set, they instead fold the image-side projections into the token side (exact algebra,
-see :class:`Attention`), which skips projecting the 4096 image tokens at all.
+see :class:`Attention`), which skips projecting the 4096 image tokens at all. For many
+decodes against one image, :meth:`TwoWayTransformer.prepare_image` makes the first
+layer's image-side projections (which do not depend on the prompt) once, and in float32
+the positional encoding's share of the later layers' projections, for
+:meth:`TwoWayTransformer.decode` to reuse.
 """
 
 from __future__ import annotations
@@ -205,7 +209,7 @@ class Attention(nn.Module):
         out = _per_head_product(mixed, self._head_weight(self.v_proj).mT)
         return out + self.v_proj.bias.view(heads, 1, head_dim)
 
-    # -- image-to-token ----------------------------------------------------------------
+    # -- projections of the image side made once for many decodes ---------------------
 
     def project_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image keys and values (1, N, C) through the key and value projections, per head:
@@ -225,6 +229,8 @@ class Attention(nn.Module):
         stands for adding the encoding before projecting, which would cost a pass over
         the image side of every prompt set."""
         return self._split_heads(F.linear(pe, projection.weight))[0].mT.contiguous()
+
+    # -- image-to-token ----------------------------------------------------------------
 
     def image_to_token(
         self,
