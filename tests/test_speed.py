@@ -367,6 +367,25 @@ def test_predictor_and_generator_keep_the_image_side(
     assert prepared == [True, True]
 
 
+def test_model_with_a_kept_image_side_pickles_and_copies() -> None:
+    """A model used by a predictor can still be saved, sent to a worker or copied; the
+    kept image side stays behind (it holds weak references)."""
+    import copy
+    import pickle
+
+    model, _ = make_model_pair("tiny", seed=12)
+    predictor = SamPredictor(model, precision="fp32")
+    predictor.set_image(np.zeros((40, 50, 3), np.uint8))
+    click = {"point_coords": np.array([[5, 5]]), "point_labels": np.array([1])}
+    expected = predictor.predict(**click)[2]
+    assert model.mask_decoder._image_cache is not None
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert clone.mask_decoder._image_cache is None
+        again = SamPredictor(clone, precision="fp32")
+        again.set_image(np.zeros((40, 50, 3), np.uint8))
+        np.testing.assert_allclose(again.predict(**click)[2], expected, atol=1e-5)
+
+
 def test_hypernetworks_follow_weight_changes() -> None:
     """The stacked hypernetwork weights kept between calls are rebuilt after the weights
     change in place (as an optimiser step does), and gradients reach the parameters."""

@@ -343,6 +343,10 @@ def _owner(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor._base is None else tensor._base
 
 
+def _no_image_cache() -> None:
+    return None
+
+
 class _ImageCache:
     """A prepared image side with what it was made from: the tensors owning the memory of
     the embedding and of the grid encoding, held weakly (a new image may reuse a freed
@@ -360,6 +364,11 @@ class _ImageCache:
         self._key = key
         self._dense = dense[0, :, 0, 0].clone()
         self.image = image
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        # Not carried into copies (the bfloat16 decoder copy prepares its own) or pickles
+        # (a saved or sent model): they come back with no kept image.
+        return _no_image_cache, ()
 
     def matches(
         self, sources: tuple[torch.Tensor, ...], key: tuple[object, ...], dense: torch.Tensor
