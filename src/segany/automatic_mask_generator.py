@@ -430,14 +430,12 @@ class SamAutomaticMaskGenerator:
             )
 
     def _decoder_options(self) -> dict[str, float | bool]:
-        """segany's decoder keeps the image side it prepares for the next batch, and skips
-        upscaling the prompts the IoU filter will drop whole (their masks are most of a
-        decode); another decoder (any official-API module) is called as the official
-        generator calls it."""
-        if not isinstance(self.model.mask_decoder, MaskDecoder):
-            return {}
-        options: dict[str, float | bool] = {"keep_image": True}
-        if self.pred_iou_thresh > 0.0:
+        """The predictor's (segany's decoder keeps the image side for the next batch), and
+        segany's decoder skips upscaling the prompts the IoU filter will drop whole (their
+        masks are most of a decode); another decoder (any official-API module) is called
+        as the official generator calls it."""
+        options = self.predictor.decoder_options()
+        if self.pred_iou_thresh > 0.0 and isinstance(self.model.mask_decoder, MaskDecoder):
             options["min_iou"] = self.pred_iou_thresh
         return options
 

@@ -120,7 +120,8 @@ class Precision:
         **options: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``mask_decoder(...)`` in this precision, inside :meth:`decoder`'s context;
-        ``options`` go to the decoder as keywords (``min_iou`` of segany's decoder).
+        ``options`` go to the decoder as keywords (``min_iou``, ``keep_image`` of segany's
+        decoder).
 
         Returns float32 mask logits (B, C, 4h, 4w) and IoU predictions (B, C).
         """

@@ -408,7 +408,7 @@ class SamPredictor:
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask_output,
-                    **self._decoder_options(),
+                    **self.decoder_options(),
                 )
             masks = upscale_logits_fast(
                 low_res,
@@ -420,9 +420,10 @@ class SamPredictor:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res
 
-    def _decoder_options(self) -> dict[str, bool]:
-        """segany's decoder keeps what it prepares from the image for the next prompt (an
-        official-API decoder is called as the official predictor calls it)."""
+    def decoder_options(self) -> dict[str, float | bool]:
+        """Keywords for the mask decoder on decodes against the set image: segany's
+        decoder keeps what it prepares from the image for the next prompt; an
+        official-API decoder gets none (it is called as the official predictor calls it)."""
         return {"keep_image": True} if isinstance(self.model.mask_decoder, MaskDecoder) else {}
 
     # -- coordinate helpers ----------------------------------------------------
