@@ -31,3 +31,20 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "mobile_sam_random.pt"
     torch.save(randomize_(build_mobile_sam(), seed=5).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def unwritable_dir(tmp_path_factory) -> Path:
+    """A folder in which no file can be created: a read-only one, or (as root, whom
+    permissions do not stop) the kernel's read-only /sys."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path_factory.mktemp("read-only")
+        folder.chmod(0o500)
+        return folder
+    try:
+        (Path("/sys") / ".segany-probe").touch()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no unwritable folder available (running as root with a writable /sys)")

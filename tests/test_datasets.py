@@ -412,3 +412,60 @@ def test_real_coco128_seg(shared_data) -> None:
     _check_split_counts(
         shared_data, "coco128-seg", 128 - len(images - set(labels)), 941 - orphan_lines
     )
+
+
+# --------------------------------------------------------------------------- hostile COCO
+
+
+def test_coco_file_name_outside_the_data_folder_is_skipped(tmp_path) -> None:
+    """Issue 20: absolute names and names climbing with '..' are never followed, even to
+    files that exist, and are reported in one DataWarning."""
+    outside = write_image(tmp_path / "secret.png")
+    root = tmp_path / "data"
+    write_image(root / "images" / "a.png")
+    names = ["a.png", str(outside), "../../secret.png", "images/../../secret.png", "..\\secret.png"]
+    images = [{"id": i, "file_name": name} for i, name in enumerate(names)]
+    polygon = [[2, 1, 6, 1, 6, 4, 2, 4]]
+    annotations = [{"id": i, "image_id": i, "segmentation": polygon} for i in range(len(names))]
+    (root / "annotations.json").write_text(
+        json.dumps({"images": images, "annotations": annotations})
+    )
+    with pytest.warns(DataWarning, match=r"skipped 4 images whose file_name leaves the data"):
+        dataset = load_dataset(root, format="coco")
+    assert [entry.path for entry in dataset.entries] == [root / "images" / "a.png"]
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "problem"),
+    [
+        ([[0, 0, float("nan"), 0, 0, 5]], "polygon coordinates must be finite"),
+        ([[0, 0, float("inf"), 0, 0, 5]], "polygon coordinates must be finite"),
+        ([[0, 0, 1e9, 0, 0, 5]], "polygon coordinates must be finite"),
+        ({"size": [H, W], "counts": [-5, H * W + 5]}, "non-negative"),
+        (  # the string of a larger mask: its runs go past the image
+            {"size": [H, W], "counts": compressed_rle(np.ones((H, W + 10), bool))["counts"]},
+            "RLE counts add up to",
+        ),
+        ({"size": [H, W], "counts": "\x7f"}, "malformed"),
+    ],
+    ids=["nan", "inf", "1e9", "negative-run", "runs-too-long", "bad-string"],
+)
+def test_coco_segmentations_that_crash_pycocotools_are_skipped(
+    tmp_path, segmentation, problem: str
+) -> None:
+    """pycocotools crashes the process on these (NaN/huge polygon coordinates, RLE runs
+    past the image); they are skipped objects with a DataWarning naming the problem."""
+    root = tmp_path / "data"
+    write_image(root / "images" / "a.png")
+    good = [[2, 1, 6, 1, 6, 4, 2, 4]]
+    annotations = [
+        {"id": 1, "image_id": 1, "segmentation": good},
+        {"id": 2, "image_id": 1, "segmentation": segmentation},
+    ]
+    document = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": annotations}
+    (root / "annotations.json").write_text(json.dumps(document))
+    dataset = load_dataset(root, format="coco")
+    with pytest.warns(DataWarning, match=problem):
+        sample = dataset.get(0)
+    assert sample is not None and len(sample.masks) == 1
+    assert np.array_equal(sample.masks[0], rect(1, 2, 4, 6))

@@ -10,9 +10,23 @@ import pytest
 import tifffile
 from PIL import Image
 
-from segany.atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from segany.atomic import (
+    atomic_path,
+    atomic_paths,
+    check_writable,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from segany.errors import SeganyError
-from segany.images import mask_colors, overlay_masks, read_image, write_image, write_mask_png
+from segany.images import (
+    ImageTooLarge,
+    mask_colors,
+    open_image,
+    overlay_masks,
+    read_image,
+    write_image,
+    write_mask_png,
+)
 
 
 def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -539,3 +553,162 @@ def test_overlay_rejects_bad_arguments(kwargs: dict) -> None:
 def test_overlay_rejects_non_rgb_image() -> None:
     with pytest.raises(SeganyError, match="HxWx3"):
         overlay_masks(np.zeros((10, 10), np.uint8), [])
+
+
+def test_atomic_paths_write_all_or_nothing(tmp_path: Path) -> None:
+    """Outputs that belong together: a writer failing on the second leaves neither."""
+    first, second = tmp_path / "out" / "mask.png", tmp_path / "other" / "overlay.png"
+    first.parent.mkdir()
+    first.write_text("old mask")
+    with pytest.raises(OSError, match="disk full"), atomic_paths([first, second]) as temps:
+        temps[0].write_text("new mask")
+        raise OSError("disk full")
+    assert first.read_text() == "old mask" and not second.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["mask.png"]
+    with atomic_paths([first, second]) as temps:
+        for temp, text in zip(temps, ["new mask", "overlay"], strict=True):
+            temp.write_text(text)
+    assert (first.read_text(), second.read_text()) == ("new mask", "overlay")
+
+
+def test_atomic_paths_refuses_the_same_output_twice(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="twice"), atomic_paths([tmp_path / "a", tmp_path / "a"]):
+        pass
+
+
+def test_check_writable(tmp_path: Path, unwritable_dir: Path) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    # Missing folders are fine (and not created by the check); nothing is left behind.
+    assert check_writable(tmp_path / "new" / "deeper" / "m.png", "-o") == (
+        tmp_path / "new" / "deeper" / "m.png"
+    )
+    assert check_writable(tmp_path / "new" / "folder", "-o", folder=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    cases = [
+        (tmp_path / "file.txt" / "m.png", {}, "is a file, not a folder"),
+        (tmp_path / "file.txt", {"folder": True}, "it is a file; give a folder"),
+        (tmp_path, {}, "it is a folder; give a file name"),
+        (unwritable_dir / "m.png", {}, "cannot create a file in folder"),
+        (unwritable_dir / "sub" / "folder", {"folder": True}, "cannot create a file in folder"),
+        (tmp_path / ("x" * 250 + ".png"), {}, "File name too long"),
+    ]
+    for path, options, message in cases:
+        with pytest.raises(SeganyError, match=message) as error:
+            check_writable(path, "--overlay", **options)
+        assert str(error.value).startswith("cannot write --overlay ")
+        assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- pixel limit
+
+
+def write_tiled_tiff(path: Path, height: int, width: int, samples: int = 1) -> Path:
+    """A zlib-compressed, tiled 16-bit TIFF of zeros, written tile by tile (no big array)."""
+    tile_shape = (256, 256, samples) if samples > 1 else (256, 256)
+    tile = np.zeros(tile_shape, np.uint16)
+    count = -(-height // 256) * -(-width // 256)
+    shape = (height, width, samples) if samples > 1 else (height, width)
+    tifffile.imwrite(
+        path, (tile for _ in range(count)), shape=shape, dtype="uint16", tile=(256, 256),
+        compression="zlib", photometric="rgb" if samples == 3 else "minisblack",
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding pixels (Pillow or tifffile) fails the test: the limit must come first."""
+    from PIL import ImageFile
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", decoded)
+
+
+def test_tiff_pixel_bomb_refused_before_decoding(tmp_path: Path, no_decoding: None) -> None:
+    """Issue 20's bomb: 12000 x 12000 16-bit pixels in a TIFF of well under 1 MB."""
+    bomb = write_tiled_tiff(tmp_path / "bomb.tif", 12000, 12000)
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(ImageTooLarge) as error:
+        read_image(bomb)
+    message = str(error.value)
+    assert "12000x12000 = 144,000,000 pixels, over the limit of 100,000,000" in message
+    assert "SEGANY_MAX_IMAGE_PIXELS=144000000" in message
+
+
+def test_tifffile_reader_checks_the_limit_too(
+    tmp_path: Path, no_decoding: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16-bit RGB goes to tifffile, not Pillow; its header is checked the same way."""
+    monkeypatch.setenv("SEGANY_MAX_IMAGE_PIXELS", "1000000")
+    path = write_tiled_tiff(tmp_path / "rgb16.tif", 1200, 1000, samples=3)
+    with pytest.raises(ImageTooLarge, match="1000x1200 = 1,200,000 pixels"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".webp", ".tif", ".tiff16"])
+def test_pixel_limit_applies_to_every_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    path = tmp_path / f"image{suffix.replace('16', '')}"
+    if suffix == ".tiff16":
+        tifffile.imwrite(path, np.zeros((30, 40, 3), np.uint16))
+    else:
+        Image.fromarray(noise(30, 40)).save(path)
+    monkeypatch.setenv("SEGANY_MAX_IMAGE_PIXELS", "1199")
+    with pytest.raises(ImageTooLarge, match="40x30 = 1,200 pixels, over the limit of 1,199"):
+        read_image(path)
+    monkeypatch.setenv("SEGANY_MAX_IMAGE_PIXELS", "1200")
+    assert read_image(path).shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "1.5e8"])
+def test_bad_pixel_limit_setting_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    path = tmp_path / "a.png"
+    Image.fromarray(noise(3, 3)).save(path)
+    monkeypatch.setenv("SEGANY_MAX_IMAGE_PIXELS", value)
+    with pytest.raises(SeganyError, match="SEGANY_MAX_IMAGE_PIXELS must be a whole number"):
+        read_image(path)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """An 8-bit RGB PNG of that size whose pixel data is missing: a header to open, never
+    to decode."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+
+
+def test_pixel_limit_can_be_raised_beyond_pillows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 megapixels: refused by default (Pillow alone would refuse it too); with the
+    limit raised, Pillow opens the header as well."""
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header(20000, 10000))
+    with pytest.raises(ImageTooLarge, match="200,000,000 pixels, over the limit of 100,000,000"):
+        open_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    monkeypatch.setenv("SEGANY_MAX_IMAGE_PIXELS", "250000000")
+    with open_image(path) as opened:
+        assert opened.size == (20000, 10000)
+
+
+def test_pixel_limit_message_has_no_pillow_warning(tmp_path: Path) -> None:
+    """Over the limit there is one error, not Pillow's decompression-bomb warning too."""
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_header(12000, 12000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageTooLarge, match="12000x12000"):
+            read_image(path)

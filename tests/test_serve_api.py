@@ -10,16 +10,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sqlite3
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from browser import live_server
 from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -30,11 +35,15 @@ from segany import cli
 from segany.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany.build import build_sam_from_config
 from segany.commands import common
+from segany.errors import SeganyError
 from segany.images import read_image
 from segany.masks import coco_to_rle, masks_to_rle, rle_to_coco
 from segany.predictor import SamPredictor
 from segany.serve import ServeSettings, create_app
+from segany.serve.jobs import Job
 from segany.serve.library import _inside
+from segany.serve.segmenter import ModelLock
+from segany.serve.store import NewObject
 
 POINT = [[60.0, 50.0]]
 EVERYTHING = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -259,6 +268,33 @@ def test_unknown_ids_are_404_and_malformed_ids_422(client) -> None:
     assert_one_line_error(client.get("/api/images/0"), 422, "image_id")
 
 
+HUGE = 99999999999999999999  # beyond SQLite's 64-bit integers (was a 500: OverflowError)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", f"/api/images/{HUGE}", None),
+        ("GET", f"/api/images/{HUGE}/pixels", None),
+        ("POST", f"/api/images/{HUGE}/embedding", None),
+        ("POST", f"/api/images/{HUGE}/predict", {"box": [0, 0, 5, 5]}),
+        ("POST", f"/api/images/{HUGE}/everything", EVERYTHING),
+        ("POST", f"/api/images/{HUGE}/everything/jobs", EVERYTHING),
+        ("GET", f"/api/images/{HUGE}/objects", None),
+        ("POST", f"/api/images/{HUGE}/proposals/keep", None),
+        ("GET", f"/api/objects/{HUGE}", None),
+        ("PATCH", f"/api/objects/{HUGE}", {"label": "x"}),
+        ("DELETE", f"/api/objects/{HUGE}", None),
+        ("GET", f"/api/jobs/{HUGE}", None),
+        ("DELETE", f"/api/jobs/{HUGE}", None),
+        ("GET", f"/api/objects/{2**63}", None),  # the first integer SQLite cannot hold
+    ],
+)
+def test_ids_beyond_sqlite_integers_are_422(client, method, path, body) -> None:
+    assert_one_line_error(client.request(method, path, json=body), 422, "less than or equal")
+    assert client.get(f"/api/objects/{2**63 - 1}").status_code == 404  # the largest is fine
+
+
 # -------------------------------------------------------------------------------------
 # Objects
 # -------------------------------------------------------------------------------------
@@ -332,6 +368,33 @@ def test_bad_masks_are_refused(client, mask, words) -> None:
     response = client.post("/api/images/1/objects", json={"mask": mask})
     assert_one_line_error(response, 400, *words)
     assert client.get("/api/images/1/objects").json() == []
+
+
+def test_non_finite_numbers_are_refused(client) -> None:
+    """Python's json reads NaN and Infinity; stored, they broke every later export."""
+    made = create(client, 1, rectangle(120, 160, 0, 0, 5, 5))
+    mask = encode(rectangle(120, 160, 1, 1, 9, 9))
+    for method, path, body in (
+        ("POST", "/api/images/1/objects", {"mask": mask, "score": math.inf}),
+        ("POST", "/api/images/1/objects", {"mask": mask, "prompts": {"points": [[math.nan, 1]]}}),
+        ("PATCH", f"/api/objects/{made['id']}", {"score": -math.inf}),
+        ("PATCH", f"/api/objects/{made['id']}", {"prompts": {"box": [0, 0, math.inf, 5]}}),
+        ("POST", "/api/images/1/predict", {"points": [[math.nan, 5]], "labels": [1]}),
+    ):
+        response = client.request(
+            method, path, content=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        assert_one_line_error(response, 422, "finite number")
+    assert client.get("/api/images/1/objects").json() == [made]
+    assert client.get("/api/export/coco").status_code == 200
+
+    # The store refuses them too, whoever writes (and rolls back the whole change).
+    store = client.app.state.project.store
+    good = NewObject(mask=mask, area=64, bbox=[1, 1, 8, 8])
+    for bad in (replace(good, score=math.nan), replace(good, prompts={"box": [0, 0, math.inf, 1]})):
+        with pytest.raises(SeganyError, match="finite"):
+            store.create_objects(1, [good, bad])
+    assert [obj.id for obj in store.objects()] == [made["id"]]
 
 
 def test_rle_strings_round_trip_and_bad_ones_are_caught() -> None:
@@ -656,6 +719,172 @@ def test_changes_from_other_sites_are_refused(client) -> None:
     assert client.get("/api/images", headers=evil).status_code == 200  # reading is harmless
     own = {"Origin": "http://testserver"}
     assert client.post("/api/images", files=data, headers=own).status_code == 201
+
+
+# -------------------------------------------------------------------------------------
+# Work limits and the job queue
+# -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def paused_jobs(monkeypatch):
+    """Jobs stop between their first and second decoder batch (the model free) until
+    ``paused_jobs.go`` is set; ``paused_jobs.reached`` is set when one gets there."""
+    gate = SimpleNamespace(reached=threading.Event(), go=threading.Event())
+    progress = Job.progress
+
+    def pausing(job: Job, done: int, total: int) -> None:
+        progress(job, done, total)
+        if done >= 1 and not gate.go.is_set():
+            gate.reached.set()
+            gate.go.wait(60)
+            progress(job, done, total)  # where a job cancelled meanwhile stops
+
+    monkeypatch.setattr(Job, "progress", pausing)
+    yield gate
+    gate.go.set()  # never leave a worker waiting
+
+
+def finished_job(client: httpx.Client, job_id: int) -> dict:
+    """The job once it has finished (polls; the worker is another thread)."""
+    for _ in range(1200):
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_everything_work_is_bounded(client, make_client) -> None:
+    limits = client.get("/api/info").json()
+    assert (limits["max_points_per_side"], limits["max_crop_n_layers"]) == (64, 1)
+    assert limits["max_everything_prompts"] == 32 * 32 * 5
+    for options, status, words in (
+        ({"points_per_side": 65}, 422, ["points_per_side", "less than or equal to 64"]),
+        ({"crop_n_layers": 2}, 422, ["crop_n_layers", "less than or equal to 1"]),
+        ({"points_per_side": 64, "crop_n_layers": 1}, 400, ["20480 prompts", "allows 5120"]),
+    ):
+        for path in ("/api/images/1/everything", "/api/images/1/everything/jobs"):
+            assert_one_line_error(client.post(path, json=options), status, *words)
+    small = make_client(
+        project_dir=client.app.state.project.settings.project_dir / "small",
+        max_everything_prompts=16,
+    )
+    assert_one_line_error(small.post("/api/images/1/everything"), 400, "1024 prompts")
+    assert small.post("/api/images/1/everything", json=EVERYTHING).status_code == 200
+    assert client.get("/api/jobs").json() == []  # nothing refused was queued
+
+
+def test_jobs_queue_report_progress_and_cancel(client, paused_jobs) -> None:
+    options = {**EVERYTHING, "points_per_side": 8}  # 64 prompts: 4 decoder batches of 16
+    started = client.post("/api/images/1/everything/jobs", json=options)
+    assert started.status_code == 202, started.text
+    first = started.json()
+    assert started.headers["location"] == f"/api/jobs/{first['id']}"
+    assert first["status"] in ("queued", "running") and first["objects"] is None
+    assert paused_jobs.reached.wait(60)
+    second = client.post("/api/images/2/everything/jobs", json=EVERYTHING).json()
+    queue = client.get("/api/jobs").json()
+    assert [(j["id"], j["status"], j["position"]) for j in queue] == [
+        (first["id"], "running", 0),
+        (second["id"], "queued", 1),
+    ]
+    assert queue[0]["progress"] == 0.25 and queue[0]["options"]["points_per_side"] == 8
+
+    # Clicks are answered while the job is between batches.
+    click = client.post("/api/images/1/predict", json={"points": POINT, "labels": [1]})
+    assert click.status_code == 200, click.text
+
+    dropped = client.delete(f"/api/jobs/{second['id']}").json()
+    assert (dropped["status"], dropped["position"]) == ("cancelled", None)
+    assert client.delete(f"/api/jobs/{first['id']}").json()["status"] == "cancelling"
+    paused_jobs.go.set()
+    stopped = finished_job(client, first["id"])
+    assert stopped["status"] == "cancelled" and "cancelled" in stopped["error"]
+    assert stopped["progress"] == 0.25  # it stopped after its first batch
+    assert client.get("/api/images/1/objects").json() == []  # and wrote nothing
+    assert client.get("/api/images/2/objects").json() == []
+
+    # A job left alone runs to the end; its proposals are stored and come with it.
+    done = finished_job(
+        client, client.post("/api/images/1/everything/jobs", json=EVERYTHING).json()["id"]
+    )
+    assert (done["status"], done["progress"], done["position"]) == ("done", 1.0, None)
+    assert done["objects"] and done["objects"] == client.get("/api/images/1/objects").json()
+    assert client.delete(f"/api/jobs/{done['id']}").json()["status"] == "done"  # too late
+    assert_one_line_error(client.get("/api/jobs/999"), 404, "no job")
+    assert_one_line_error(client.post("/api/images/99/everything/jobs"), 404)
+
+
+def test_waiting_everything_request_is_409_when_its_job_is_cancelled(client, paused_jobs):
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.post, "/api/images/1/everything", json=EVERYTHING)
+        assert paused_jobs.reached.wait(60)
+        [job] = client.get("/api/jobs").json()
+        client.delete(f"/api/jobs/{job['id']}")
+        paused_jobs.go.set()
+        assert_one_line_error(waiting.result(60), 409, "cancelled")
+    assert client.get("/api/images/1/objects").json() == []
+
+
+def test_a_dropped_everything_request_cancels_its_job(model, images_dir, paused_jobs) -> None:
+    settings = ServeSettings(images_dir=images_dir, project_dir=images_dir / ".segany")
+    with live_server(create_app(model, settings)) as url, httpx.Client(base_url=url) as client:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+            client.post("/api/images/1/everything", json=EVERYTHING, timeout=1)
+        for _ in range(600):  # the server notices, while the job waits between batches
+            [job] = client.get("/api/jobs").json()
+            if job["status"] == "cancelling":
+                break
+            time.sleep(0.02)
+        paused_jobs.go.set()
+        assert finished_job(client, job["id"])["status"] == "cancelled"
+        assert client.get("/api/images/1/objects").json() == []
+
+
+def test_a_full_queue_is_429(make_client, images_dir, paused_jobs) -> None:
+    client = make_client(max_queued_jobs=1)
+    ids = [client.post("/api/images/1/everything/jobs", json=EVERYTHING).json()["id"]]
+    assert paused_jobs.reached.wait(60)  # the first runs; one more may wait
+    ids.append(client.post("/api/images/2/everything/jobs", json=EVERYTHING).json()["id"])
+    full = client.post("/api/images/2/everything/jobs", json=EVERYTHING)
+    assert_one_line_error(full, 429, "waiting")
+    assert_one_line_error(client.post("/api/images/2/everything", json=EVERYTHING), 429)
+    for job_id in ids:
+        client.delete(f"/api/jobs/{job_id}")
+    paused_jobs.go.set()
+    assert [finished_job(client, i)["status"] for i in ids] == ["cancelled", "cancelled"]
+
+
+def test_the_model_lock_lets_waiting_clicks_go_before_a_job_step() -> None:
+    lock, order = ModelLock(), []
+
+    def take(kind: str) -> None:
+        with getattr(lock, kind)():
+            order.append(kind)
+
+    with lock.interactive():  # a click holds the model; a job step and a click queue up
+        threads = [threading.Thread(target=take, args=(kind,)) for kind in ("step", "interactive")]
+        for thread in threads:
+            thread.start()
+        while lock._interactive_waiting == 0:  # the click is waiting (the step may be too)
+            time.sleep(0.001)
+    for thread in threads:
+        thread.join(10)
+    assert order == ["interactive", "step"]
+
+
+def test_clicks_are_served_while_a_long_job_runs(client) -> None:
+    """Only that clicks complete: how fast is for benchmarks/bench_serve_latency.py."""
+    client.post("/api/images/1/embedding")
+    long_job = {**EVERYTHING, "points_per_side": 64}  # 4,096 prompts, 64 decoder batches
+    job = client.post("/api/images/1/everything/jobs", json=long_job).json()
+    for x in range(10, 130, 12):
+        click = client.post("/api/images/1/predict", json={"points": [[x, 50]], "labels": [1]})
+        assert click.status_code == 200, click.text
+        assert len(click.json()["candidates"]) == 3
+    client.delete(f"/api/jobs/{job['id']}")
+    assert finished_job(client, job["id"])["status"] in ("cancelled", "done")
 
 
 # -------------------------------------------------------------------------------------

@@ -227,6 +227,7 @@ def test_segment_everything_and_keep(page) -> None:
         route.continue_(post_data=json.dumps(options))
 
     page.route("**/everything", relaxed)
+    assert page.get_attribute("#points-per-side", "max") == "64"  # the server's limit
     page.fill("#points-per-side", "4")
     with page.expect_response(lambda r: r.url.endswith("/everything")) as info:
         page.click("#everything")

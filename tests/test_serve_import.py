@@ -10,6 +10,7 @@ pycocotools and with ``segany engine retrain``'s own reader of accepted annotati
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -330,10 +331,10 @@ def test_image_finder() -> None:
 # -------------------------------------------------------------------------------------
 
 
-def _with_bad_annotation(segmentation) -> dict:
+def _with_bad_annotation(segmentation, **fields) -> dict:
     data = proposed_coco()
     data["annotations"].append(
-        {"id": 77, "image_id": 11, "category_id": 1, "segmentation": segmentation}
+        {"id": 77, "image_id": 11, "category_id": 1, "segmentation": segmentation, **fields}
     )
     return data
 
@@ -353,6 +354,12 @@ BAD_FILES = {
         "annotation 77",
     ),
     "negative": (_with_bad_annotation({"size": [30, 50], "counts": [1505, -5]}), "annotation 77"),
+    # Ids that cannot be looked up (were a TypeError: unhashable type).
+    "category id": (
+        {**proposed_coco(), "categories": [{"id": [1], "name": "cat"}]},
+        "category 0: 'id'",
+    ),
+    "annotation category": (_with_bad_annotation(POLYGON, category_id={"a": 1}), "annotation 77"),
 }
 
 
@@ -377,6 +384,24 @@ def test_bad_files_are_one_line_errors_and_change_nothing(
     assert err.startswith("segany serve: error:") and err.count("\n") == 1, err
     assert words in err and "Traceback" not in err
     assert store_of(client).objects() == before
+
+
+def test_non_finite_marks_are_dropped_so_exports_still_work(client, folder, tmp_path):
+    """Python's json reads NaN and Infinity; stored, they broke every later export (500)."""
+    data = proposed_coco()
+    for annotation in data["annotations"]:
+        if "segany" in annotation:
+            annotation["segany"] = {
+                **annotation["segany"],
+                "stability_score": math.nan,
+                "point_coords": [[math.inf, 3.0]],
+            }
+    import_coco(store_of(client), write(tmp_path / "nan.json", data), folder)
+    exported = client.get("/api/export/coco", params={"include_proposals": "true"})
+    assert exported.status_code == 200, exported.text
+    marks = [a["segany"] for a in exported.json()["annotations"] if "segany" in a]
+    assert len(marks) == 2
+    assert all("stability_score" not in mark and "point_coords" not in mark for mark in marks)
 
 
 def test_cli_imports_then_serves(model, folder, coco_file, monkeypatch, capsys) -> None:

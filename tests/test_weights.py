@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import socket
 import threading
@@ -338,3 +339,65 @@ def test_official_model_types() -> None:
         assert WEIGHTS[name].url.startswith("https://dl.fbaipublicfiles.com/segment_anything/")
     assert WEIGHTS["mobile_sam"].model_type == "vit_t"
     assert "ChaoningZhang/MobileSAM" in WEIGHTS["mobile_sam"].url
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _fail_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def hashed(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(weights, "_file_sha256", hashed)
+
+
+def test_zero_filled_checkpoint_of_the_right_size_is_corrupt(monkeypatch) -> None:
+    """Issue 20: listed as downloaded before, then a misleading torch error on use."""
+    register(monkeypatch, "https://example.invalid/tiny.pt")  # never contacted
+    path = weights.weights_path("tiny")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(len(PAYLOAD)))
+    assert weights.checkpoint_state("tiny") == "corrupt"
+    assert not weights.is_downloaded("tiny")
+    with pytest.raises(SeganyError) as info:
+        weights.download("tiny", progress=False)
+    message = str(info.value)
+    assert f"checkpoint {path} is corrupt" in message
+    assert "segany weights download tiny --force" in message
+    assert path.read_bytes() == bytes(len(PAYLOAD))  # not replaced unasked
+
+
+def test_force_download_replaces_a_corrupt_checkpoint(server, monkeypatch) -> None:
+    url, _ = server
+    register(monkeypatch, f"{url}/tiny.pt")
+    path = weights.weights_path("tiny")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(len(PAYLOAD)))
+    assert weights.download("tiny", progress=False, force=True) == path
+    assert path.read_bytes() == PAYLOAD
+    assert weights.checkpoint_state("tiny") == "downloaded"
+
+
+def test_download_records_the_checked_sum(server, monkeypatch) -> None:
+    """A fresh download is not hashed again when it is listed or used."""
+    url, _ = server
+    register(monkeypatch, f"{url}/tiny.pt")
+    path = weights.download("tiny", progress=False)
+    _fail_hashing(monkeypatch)
+    assert weights.is_downloaded("tiny")
+    assert weights.download("tiny", progress=False) == path
+
+
+def test_hand_placed_checkpoint_is_hashed_once_and_again_when_changed(monkeypatch) -> None:
+    register(monkeypatch, "https://example.invalid/tiny.pt")
+    path = weights.weights_path("tiny")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(PAYLOAD)
+    assert weights.checkpoint_state("tiny") == "downloaded"  # hashed, and recorded
+    with monkeypatch.context() as patched:
+        _fail_hashing(patched)
+        assert weights.checkpoint_state("tiny") == "downloaded"
+    path.write_bytes(bytes(len(PAYLOAD)))  # damaged later: same size, new time
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert weights.checkpoint_state("tiny") == "corrupt"

@@ -6,6 +6,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .errors import SeganyError
@@ -16,12 +17,20 @@ NEEDS_TORCH = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its error line kept to one line (arguments may hold line breaks);
+    subcommands' parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(one_line(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Imported here: an ONNX-only install has no torch, and main() says so in one line.
     from .commands import engine, everything, export, segment, serve, train, weights
     from .commands import eval as eval_command
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="segany", description="Segment Anything: interactive masks, automatic masks and tools."
     )
     parser.add_argument("--version", action="version", version=f"segany {__version__}")
@@ -31,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """``message`` on one line: line breaks (say, in a file name the user typed) escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"segany: warning: {message}", file=sys.stderr)
+    print(f"segany: warning: {one_line(str(message))}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except SeganyError as error:
-        print(f"segany {args.command}: error: {error}", file=sys.stderr)
+        print(f"segany {args.command}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"segany {args.command}: interrupted", file=sys.stderr)

@@ -11,9 +11,13 @@ Conventions used throughout segany:
 from __future__ import annotations
 
 import colorsys
+import math
 import os
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -22,9 +26,35 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from segany.atomic import atomic_path
 from segany.errors import SeganyError
 
-__all__ = ["mask_colors", "overlay_masks", "read_image", "write_image", "write_mask_png"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "ImageTooLarge",
+    "check_image_size",
+    "mask_colors",
+    "max_image_pixels",
+    "open_image",
+    "overlay_masks",
+    "read_image",
+    "write_image",
+    "write_mask_png",
+]
 
 PathLike = str | os.PathLike[str]
+
+# The largest image read, in pixels (width x height), checked from the file's header
+# before any pixel is decoded, whatever the reader (Pillow or tifffile): a 12000 x 12000
+# 16-bit TIFF compresses to under 1 MB and needs about 4.5 GB to decode and rescale.
+# 100 megapixels (10000 x 10000) is above what most cameras take (61 MP full frame),
+# keeps decoding under about 3 GB even for 16-bit files, and is far beyond what the
+# models see (they resize to 1024 or 512 px). Raise it per process with
+# $SEGANY_MAX_IMAGE_PIXELS, or from Python by setting this attribute.
+MAX_IMAGE_PIXELS = 100_000_000
+PIXELS_VARIABLE = "SEGANY_MAX_IMAGE_PIXELS"
+
+
+class ImageTooLarge(SeganyError):
+    """An image over the pixel limit (see :func:`check_image_size`)."""
+
 
 SUPPORTED = "supported: JPEG, PNG, TIFF, WebP, BMP"
 
@@ -86,9 +116,13 @@ def read_image(path: PathLike) -> np.ndarray:
     TIFFs Pillow cannot decode faithfully (more than 8 bits per sample with
     several samples, float RGB, ...) are read with ``tifffile``.
 
+    Images over :func:`max_image_pixels` (100 megapixels unless
+    ``$SEGANY_MAX_IMAGE_PIXELS`` says otherwise) are refused from their header,
+    before any pixel is decoded.
+
     Raises:
         SeganyError: the file is missing, is a directory, is not a readable
-            image, or has no pixels.
+            image, has no pixels or too many.
     """
     file = _existing_file(Path(path))
     if _is_tiff(file) and _tiff_needs_tifffile(file):
@@ -104,9 +138,11 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def _existing_file(path: Path) -> Path:
-    if not path.exists():
+    # os.path answers False for names the file system refuses (too long, NUL) instead of
+    # raising, so those are "not found" too.
+    if not os.path.exists(path):
         raise SeganyError(f"image not found: {path}")
-    if path.is_dir():
+    if os.path.isdir(path):
         raise SeganyError(f"cannot read image {path}: it is a directory; pass an image file")
     return path
 
@@ -124,12 +160,79 @@ def _is_tiff(path: Path) -> bool:
         return False
 
 
+def max_image_pixels() -> int:
+    """The pixel limit in force: ``$SEGANY_MAX_IMAGE_PIXELS`` if set, else
+    :data:`MAX_IMAGE_PIXELS`; SeganyError if the variable is not a positive whole number."""
+    text = os.environ.get(PIXELS_VARIABLE, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SeganyError(
+            f"${PIXELS_VARIABLE} must be a whole number of pixels such as 200000000, got {text!r}"
+        )
+    return value
+
+
+def _too_large(source: PathLike, pixels: int, limit: int, size: str = "") -> ImageTooLarge:
+    shape = f"is {size} = {pixels:,} pixels" if size else f"has {pixels:,} pixels"
+    return ImageTooLarge(
+        f"image {source} {shape}, over the limit of {limit:,}; if you trust the file, "
+        f"raise the limit with {PIXELS_VARIABLE}={pixels}"
+    )
+
+
+def check_image_size(source: PathLike, width: int, height: int, planes: int = 1) -> None:
+    """SeganyError (naming the size and how to raise the limit) if an image of ``width`` x
+    ``height`` pixels (times ``planes``: TIFF depth or samples beyond RGBA, all decoded
+    together) is over :func:`max_image_pixels`. Call it with the header's size, before
+    decoding."""
+    pixels = width * height * planes
+    limit = max_image_pixels()
+    if pixels > limit:
+        size = f"{width}x{height}" + (f"x{planes} planes" if planes > 1 else "")
+        raise _too_large(source, pixels, limit, size)
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """Open a picture with Pillow (header only, nothing decoded yet) under segany's limit.
+
+    :func:`check_image_size` replaces Pillow's own decompression-bomb warning (which
+    would print a second line); a ``$SEGANY_MAX_IMAGE_PIXELS`` above twice Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` raises Pillow's to match, in this process. The caller
+    closes the image (use it in a ``with`` block).
+    """
+    limit = max_image_pixels()
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if pillow_limit is not None and 2 * pillow_limit < limit:
+        Image.MAX_IMAGE_PIXELS = limit  # only ever raised, and only on request
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+    except Image.DecompressionBombError as error:  # over twice Pillow's limit, so over ours
+        count = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(count.group(1)) if count else 2 * (Image.MAX_IMAGE_PIXELS or limit) + 1
+        raise _too_large(path, pixels, limit) from None
+    try:
+        check_image_size(path, *opened.size)
+    except ImageTooLarge:
+        opened.close()
+        raise
+    return opened
+
+
 def _read_with_pillow(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as opened:
+        with open_image(path) as opened:
             opened.load()  # decode now so truncated files fail here
             upright = ImageOps.exif_transpose(opened)
             return _pil_to_rgb(upright)
+    except ImageTooLarge:
+        raise  # no other reader may try it either
     except UnidentifiedImageError as err:
         failure: Exception = err
         reason = "not a recognised image file"
@@ -140,6 +243,8 @@ def _read_with_pillow(path: Path) -> np.ndarray:
     if _is_tiff(path):
         try:
             return _read_tiff(path)
+        except ImageTooLarge:
+            raise  # the TIFF's own header is over the limit
         except Exception:
             pass  # report Pillow's reason below; it is usually the clearer one
     raise _unreadable(path, reason) from failure
@@ -207,6 +312,15 @@ def _tiff_needs_tifffile(path: Path) -> bool:
         return False  # let Pillow try, and report its reason
 
 
+def _check_tiff_page(page: Any, path: Path) -> None:
+    """:func:`check_image_size` for a ``tifffile.TiffPage``, from its tags (nothing decoded)."""
+    depth = max(1, int(page.imagedepth))
+    samples = max(1, int(page.samplesperpixel))
+    check_image_size(
+        path, int(page.imagewidth), int(page.imagelength), depth * math.ceil(samples / 4)
+    )
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     """Read the first page of a TIFF with tifffile as ``(H, W, 3)`` ``uint8`` RGB."""
     import tifffile
@@ -214,10 +328,13 @@ def _read_tiff(path: Path) -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
+            _check_tiff_page(page, path)
             samples = _to_yxs(page.asarray().reshape(page.shape), page.axes)
             has_alpha = bool(page.extrasamples) and page.extrasamples[0] in (1, 2)
             minis_white = page.photometric == tifffile.PHOTOMETRIC.MINISWHITE
             orientation = int(page.tags.valueof(274, 1))
+    except ImageTooLarge:
+        raise
     except Exception as err:
         raise _unreadable(path, str(err) or type(err).__name__) from err
     rgb = _samples_to_rgb(samples, has_alpha, minis_white)

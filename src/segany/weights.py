@@ -5,10 +5,17 @@ platform's user cache folder). :func:`download` streams a file to
 ``<name>.part``, resumes an interrupted download with an HTTP ``Range``
 request, checks the SHA-256 sum and only then renames the file into place, so
 a checkpoint that exists under its final name is always complete.
+
+A file can still be damaged later (a disk error, a copy gone wrong): a checkpoint only
+counts as downloaded once its SHA-256 has been checked, which :func:`download` records
+in ``<file>.sha256`` beside it (with the file's size and time, so it is checked again
+when the file changes). A file put there by hand is checked once, on first use or by
+``segany weights list``; a corrupt one is named, with the command that fetches it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -23,13 +30,14 @@ from typing import BinaryIO, Protocol
 import platformdirs
 from tqdm import tqdm
 
-from segany.atomic import commit_file
+from segany.atomic import commit_file, write_text_atomic
 from segany.errors import SeganyError
 
 __all__ = [
     "WEIGHTS",
     "WeightsInfo",
     "cache_dir",
+    "checkpoint_state",
     "download",
     "get_info",
     "is_downloaded",
@@ -149,14 +157,69 @@ def weights_path(name: str) -> Path:
     return cache_dir() / get_info(name).file_name
 
 
-def is_downloaded(name: str) -> bool:
-    """True if checkpoint ``name`` is in the cache with the expected size.
+def _verified_path(path: Path) -> Path:
+    """Where the record of ``path``'s checked SHA-256 is kept."""
+    return path.with_name(path.name + ".sha256")
 
-    Only the size is compared (hashing gigabytes on every start is too slow);
-    the sum was checked when the file was downloaded.
+
+def _stamp(path: Path, sha256: str) -> str:
+    """What the record says: the sum, and the size and time of the file it was checked on."""
+    stat = path.stat()
+    return f"{sha256} {stat.st_size} {stat.st_mtime_ns}\n"
+
+
+def _record_verified(path: Path, sha256: str) -> None:
+    """Remember that ``path`` has ``sha256``; a read-only cache just means checking again."""
+    with contextlib.suppress(OSError):
+        write_text_atomic(_verified_path(path), _stamp(path, sha256))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_state(name: str) -> str:
+    """``"downloaded"``, ``"not downloaded"`` or ``"corrupt"`` for checkpoint ``name``.
+
+    A file of the wrong size is not downloaded (yet: :func:`download` resumes or replaces
+    it). One of the right size is downloaded once its SHA-256 matches the registry; the
+    sum is computed once (seconds for gigabytes) and recorded, see the module docstring.
     """
+    info = get_info(name)
     path = weights_path(name)
-    return path.is_file() and path.stat().st_size == get_info(name).size_bytes
+    try:
+        if not path.is_file() or path.stat().st_size != info.size_bytes:
+            return "not downloaded"
+        record = _verified_path(path)
+        if record.is_file() and record.read_text() == _stamp(path, info.sha256):
+            return "downloaded"
+        if _file_sha256(path) != info.sha256:
+            return "corrupt"
+    except OSError as err:
+        raise SeganyError(
+            f"cannot read checkpoint {path}: {err.strerror or err}; check the file's "
+            f"permissions or set {HOME_VARIABLE} to another folder"
+        ) from None
+    _record_verified(path, info.sha256)
+    return "downloaded"
+
+
+def is_downloaded(name: str) -> bool:
+    """True if checkpoint ``name`` is in the cache, complete and intact (its SHA-256
+    checked, see :func:`checkpoint_state`)."""
+    return checkpoint_state(name) == "downloaded"
+
+
+def corrupt_error(name: str) -> SeganyError:
+    """The error for a cached checkpoint whose SHA-256 does not match: what to do."""
+    return SeganyError(
+        f"checkpoint {weights_path(name)} is corrupt (its SHA-256 does not match {name}'s); "
+        f"fetch it again with: segany weights download {name} --force (or delete the file)"
+    )
 
 
 def _part_path(final: Path) -> Path:
@@ -169,10 +232,11 @@ def _part_path(final: Path) -> Path:
 def download(name: str, *, force: bool = False, progress: bool = True, timeout: float = 30) -> Path:
     """Download checkpoint ``name`` into :func:`cache_dir` and return its path.
 
-    Returns at once if the file is already there with the right size (unless
-    ``force``). An interrupted download leaves ``<file>.part`` behind and the
-    next call resumes it (``force`` starts over instead). The file gets its
-    final name only after its SHA-256 matches the registry.
+    Returns at once if the file is already there and intact (unless ``force``); a
+    corrupt one (right size, wrong SHA-256) is an error saying how to fetch it again.
+    An interrupted download leaves ``<file>.part`` behind and the next call resumes it
+    (``force`` starts over instead). The file gets its final name only after its
+    SHA-256 matches the registry.
 
     Args:
         name: a key of :data:`WEIGHTS`.
@@ -181,13 +245,17 @@ def download(name: str, *, force: bool = False, progress: bool = True, timeout: 
         timeout: seconds to wait for the connection and for each read.
 
     Raises:
-        SeganyError: unknown name, network failure, checksum mismatch, or the
-            file cannot be written.
+        SeganyError: unknown name, network failure, checksum mismatch, a corrupt
+            file in the cache, or the file cannot be written.
     """
     info = get_info(name)
     final = weights_path(name)
-    if not force and is_downloaded(name):
-        return final
+    if not force:
+        state = checkpoint_state(name)
+        if state == "downloaded":
+            return final
+        if state == "corrupt":  # not replaced unasked: it may be the user's own copy
+            raise corrupt_error(name)
     part = _part_path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +263,9 @@ def download(name: str, *, force: bool = False, progress: bool = True, timeout: 
             part.unlink(missing_ok=True)
         digest = _fetch(info, part, progress=progress, timeout=timeout)
         _verify(info, part, digest)
-        return commit_file(part, final)
+        commit_file(part, final)
+        _record_verified(final, digest)
+        return final
     except OSError as err:
         raise SeganyError(
             f"cannot save checkpoint {name} to {final.parent}: {err.strerror or err}; "

@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from types import ModuleType
 
+from ..atomic import check_writable
 from ..build import MODEL_CONFIGS
 from ..engine.annotate import OUTPUT_MODE, ModelSpec
 from ..engine.auto import FAILURES_FILE, RunSettings, Summary, plan_auto, resolve_ray, run_auto
@@ -283,7 +284,8 @@ def run_propose_command(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir() or output.suffix.lower() != ".json":
         raise SeganyError(f"-o {args.output!r} must be a .json file path")
-    work = output_folder(args.work or output.with_name(f"{output.stem}_auto"))
+    check_writable(output, "-o")
+    work = output_folder(args.work or output.with_name(f"{output.stem}_auto"), "--work")
     ray = _ray(settings, "propose")
     stats = propose(coco, images, output, work, spec, settings, ray, args.max_overlap)
     assert stats.auto is not None

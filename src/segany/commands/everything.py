@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import atomic_paths
 from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..engine.sources import Job, output_folder, require_inputs
 from ..engine.sources import plan_jobs as plan_jobs_for
@@ -103,15 +104,23 @@ def plan_jobs(paths: list[Path], outdir: Path, fmt: str, overlay: bool) -> list[
 
 
 def write_outputs(job: Job, fmt: str, image: np.ndarray, records: list[dict[str, Any]]) -> None:
-    """All outputs of one image; the main output last, as the completion mark."""
-    if job.overlay is not None:
-        write_overlay(job.overlay, image, records)
+    """All outputs of one image; the main output last, as the completion mark.
+
+    The JSON formats write the overlay and the document together (both or neither);
+    the PNG folder has many files and relies on its metadata.csv, written last.
+    """
     if fmt == "png":
+        if job.overlay is not None:
+            write_overlay(job.overlay, image, records)
         write_amg_folder(job.main_output.parent, records)
         return
     height, width = image.shape[:2]
     document = sa1b_document(records, job.image_id, job.path.name, height, width)
-    write_json(job.main_output, document)
+    overlay = [job.overlay] if job.overlay is not None else []
+    with atomic_paths([*overlay, job.main_output]) as temps:  # renamed in this order
+        if overlay:
+            write_overlay(temps[0], image, records)
+        write_json(temps[-1], document)
 
 
 def assemble_coco(jobs: list[Job], outdir: Path) -> Path:

@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..atomic import check_writable
 from ..build import load_model
-from ..onnx_export import (
-    DEFAULT_OPSET,
-    check_export_packages,
-    check_opset,
-    check_output_dir,
-    export_onnx,
-)
+from ..onnx_export import DEFAULT_OPSET, check_export_packages, check_opset, export_onnx
 from ..onnx_format import DecoderOptions
 from .common import add_model_arguments
 
@@ -71,7 +66,7 @@ def _size(count: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     # Bad options and missing packages fail before the model loads.
-    output = check_output_dir(args.output)
+    output = check_writable(args.output, "-o", folder=True)
     check_export_packages()
     check_opset(args.opset)
     model = load_model(args.model, args.checkpoint, "cpu")

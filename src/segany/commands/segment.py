@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_paths, check_writable
 from ..errors import SeganyError
 from ..images import overlay_masks, read_image, write_image, write_mask_png
 from ..inputs import check_boxes, check_points
@@ -68,9 +70,20 @@ def _check_output(path: str, option: str) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise SeganyError(f"{option} must be a .png file, got {path!r}")
-    if target.is_dir():
-        raise SeganyError(f"{option} {path!r} is a directory; give a file name")
-    return target
+    return check_writable(target, option)
+
+
+def _outputs(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
+    """(masks, overlay): the best mask, then with --multimask the candidates
+    MASK-0.png ... MASK-2.png; all checked writable and distinct before any work."""
+    output = _check_output(args.output, "-o")
+    masks = [output]
+    if args.multimask:
+        masks += [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(3)]
+    overlay = _check_output(args.overlay, "--overlay") if args.overlay else None
+    if overlay is not None and os.path.abspath(overlay) in map(os.path.abspath, masks):
+        raise SeganyError(f"--overlay {args.overlay!r} would overwrite a mask; give another name")
+    return masks, overlay
 
 
 def _bbox_xywh(mask: np.ndarray) -> list[int]:
@@ -87,8 +100,7 @@ def _bbox_xywh(mask: np.ndarray) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     coords, labels, box = _parse_prompts(args)
-    output = _check_output(args.output, "-o")
-    overlay = _check_output(args.overlay, "--overlay") if args.overlay else None
+    mask_paths, overlay = _outputs(args)
     image = read_image(args.image)
     # Bad prompts and options fail before the model loads.
     check_points(coords, labels, image.shape[:2])
@@ -99,22 +111,30 @@ def run(args: argparse.Namespace) -> int:
     masks, scores, _ = predictor.predict(coords, labels, box, multimask_output=args.multimask)
     best = int(np.argmax(scores))
 
-    written = [{"path": str(write_mask_png(output, masks[best])), "score": float(scores[best])}]
-    if args.multimask:
-        for index, (mask, score) in enumerate(zip(masks, scores)):
-            path = output.with_name(f"{output.stem}-{index}{output.suffix}")
-            written.append({"path": str(write_mask_png(path, mask)), "score": float(score)})
-    for record, mask in zip(written, [masks[best], *(masks if args.multimask else [])]):
-        record.update(area=int(mask.sum()), bbox=_bbox_xywh(mask))
-    if overlay is not None:
-        picture = overlay_masks(
-            image,
-            [masks[best]],
-            points=coords,
-            point_labels=labels,
-            boxes=None if box is None else [box],
-        )
-        write_image(overlay, picture)
+    # Best mask first, then the candidates in order.
+    chosen = [best, *(range(len(masks)) if args.multimask else [])]
+    written = [
+        {
+            "path": str(path),
+            "score": float(scores[i]),
+            "area": int(masks[i].sum()),
+            "bbox": _bbox_xywh(masks[i]),
+        }
+        for path, i in zip(mask_paths, chosen, strict=True)
+    ]
+    # All outputs appear together or not at all (a failing overlay leaves no mask).
+    with atomic_paths([*mask_paths, *([overlay] if overlay else [])]) as temps:
+        for temp, i in zip(temps, chosen, strict=False):
+            write_mask_png(temp, masks[i])
+        if overlay is not None:
+            picture = overlay_masks(
+                image,
+                [masks[best]],
+                points=coords,
+                point_labels=labels,
+                boxes=None if box is None else [box],
+            )
+            write_image(temps[-1], picture)
 
     if args.json:
         result = {

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+import math
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import check_writable
 from ..errors import SeganyError
 from .common import add_model_arguments, model_from_args
 
@@ -66,6 +70,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="image embeddings kept in memory (default: 16)",
     )
     parser.add_argument(
+        "--max-everything-prompts",
+        type=int,
+        metavar="N",
+        help="decoder prompts one 'segment everything' may ask for, points_per_side squared "
+        "per crop (default: SAM's 32 points with one crop layer, 5 x 32 x 32)",
+    )
+    parser.add_argument(
+        "--max-queued-jobs",
+        type=int,
+        metavar="N",
+        help="'segment everything' jobs that may wait behind the running one (more get 429; "
+        "default: segany.serve.limits.MAX_QUEUED_JOBS)",
+    )
+    parser.add_argument(
         "--import-coco",
         metavar="FILE",
         help="first add the annotations of this COCO instances JSON to the project (from "
@@ -100,12 +118,25 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         if not images_dir.is_dir():
             raise SeganyError(f"IMAGES_DIR {args.images_dir!r} is not a folder")
     project = Path(args.project) if args.project else (images_dir or Path.cwd()) / ".segany"
-    if project.exists() and not project.is_dir():
-        raise SeganyError(f"--project {str(project)!r} is a file; give a folder")
+    check_writable(project, "--project", folder=True)  # the server saves everything there
     if not 0 < args.port < 65536:
         raise SeganyError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_upload_mb <= 0:
-        raise SeganyError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
+    # NaN passes "<= 0" and inf overflows the byte count: only finite positive sizes.
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise SeganyError(
+            f"--max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb:g}"
+        )
+    from ..serve.limits import MAX_EVERYTHING_PROMPTS, MAX_QUEUED_JOBS
+
+    budget = args.max_everything_prompts
+    budget = MAX_EVERYTHING_PROMPTS if budget is None else budget
+    queue = MAX_QUEUED_JOBS if args.max_queued_jobs is None else args.max_queued_jobs
+    for flag, value, least in (
+        ("--max-everything-prompts", budget, 1),
+        ("--max-queued-jobs", queue, 0),
+    ):
+        if value < least:
+            raise SeganyError(f"{flag} must be at least {least}, got {value}")
     token = args.token or os.environ.get(TOKEN_ENV) or None
     return ServeSettings(
         images_dir=images_dir,
@@ -114,11 +145,42 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         cache_size=args.cache_size,
         disk_cache=not args.no_disk_cache,
+        max_everything_prompts=budget,
+        max_queued_jobs=queue,
         # On loopback only local names are valid Host headers: this stops web pages
         # from reaching the server through DNS rebinding.
         allowed_hosts=("127.0.0.1", "localhost", "[::1]") if is_loopback(args.host) else None,
         model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "default"),
     )
+
+
+def check_bind(host: str, port: int) -> None:
+    """SeganyError (one line) unless ``host``:``port`` can be listened on.
+
+    Binds and closes a socket as uvicorn will (SO_REUSEADDR set), so that a busy port or
+    an unknown host is reported before the model loads rather than by uvicorn after it.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise SeganyError(
+            f"cannot listen on --host {host!r}: the name does not resolve ({reason}); "
+            "give an address of this machine such as 127.0.0.1 or 0.0.0.0"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    try:
+        with contextlib.closing(socket.socket(family, kind, proto)) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise SeganyError(
+            f"cannot listen on {_url(host, port, None)}: {reason}; choose another --port "
+            "(or --host), or stop the program using it"
+        ) from None
 
 
 def _url(host: str, port: int, token: str | None) -> str:
@@ -132,8 +194,15 @@ def _import(settings: ServeSettings, coco_path: Path) -> None:
     from ..serve.importer import import_coco
     from ..serve.store import ProjectStore
 
-    store = ProjectStore(settings.project_dir / PROJECT_FILE)
-    report = import_coco(store, coco_path, settings.images_dir)
+    database = settings.project_dir / PROJECT_FILE
+    new_project = not database.exists()
+    try:
+        report = import_coco(ProjectStore(database), coco_path, settings.images_dir)
+    except SeganyError:
+        if new_project:  # a failed first import leaves no empty project database behind
+            for suffix in ("", "-wal", "-shm", "-journal"):  # SQLite's files beside it
+                database.with_name(database.name + suffix).unlink(missing_ok=True)
+        raise
     for line in report.lines():
         print(f"segany serve: {line}" if not line.startswith(" ") else line)
 
@@ -150,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
             "pip install 'segany[serve]'"
         ) from None
     settings = _settings(args)
+    check_bind(args.host, args.port)
     if args.import_coco is not None:  # before the model loads: a bad file fails fast
         _import(settings, Path(args.import_coco))
     if not is_loopback(args.host) and settings.token is None:

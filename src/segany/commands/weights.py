@@ -4,9 +4,11 @@ checkpoint to segany safetensors."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .. import weights as store
+from ..atomic import check_writable
 from ..errors import SeganyError
 
 STORED_DTYPES = ("fp32", "fp16", "bf16")
@@ -52,6 +54,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise SeganyError(f"{output}: the output must end in .safetensors")
     if output.exists() and not args.overwrite:
         raise SeganyError(f"{output} exists; pass --overwrite to replace it")
+    check_writable(output, "-o")
     model, config = load_model_and_config(args.model, args.checkpoint, "cpu")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     save_model(model, output, config, dtype)
@@ -61,12 +64,17 @@ def _convert(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
+        corrupt = []
         for info in store.WEIGHTS.values():
-            state = "downloaded" if store.is_downloaded(info.name) else "not downloaded"
+            state = store.checkpoint_state(info.name)  # checks the SHA-256 once per file
+            if state == "corrupt":
+                corrupt.append(info.name)
             print(
                 f"{info.name:<11} {info.model_type:<6} {info.size_bytes / 1e6:>7.0f} MB  "
                 f"{state:<15} {info.description}"
             )
+        for name in corrupt:
+            print(f"segany weights: {store.corrupt_error(name)}", file=sys.stderr)
         return 0
     if args.action == "download":
         print(store.download(args.name, force=args.force, progress=not args.quiet))

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from ..images import open_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -118,7 +119,7 @@ def read_mask_png(path: Path, height: int, width: int) -> np.ndarray:
     use their brightest channel.
     """
     try:
-        with Image.open(path) as opened:
+        with open_image(path) as opened:  # the pixel limit is checked before decoding
             palette = opened.mode == "P"
             values = np.asarray(opened)
     except Exception as error:  # Pillow raises many types for bad files

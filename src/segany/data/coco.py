@@ -10,23 +10,26 @@ ignore regions. Masks are decoded with pycocotools.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import defaultdict
 from functools import partial
 from numbers import Real
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import SeganyError
+from ..masks import check_rle, coco_to_rle, rle_to_mask
 from .base import IMAGE_SUFFIXES, DecodedObjects, ImageEntry, report, summarise_skipped
 
 __all__ = [
     "coco_json_candidates",
     "decode_rle",
     "index_coco",
+    "is_safe_file_name",
     "segmentation_problem",
     "segmentation_to_mask",
 ]
@@ -66,7 +69,7 @@ def load_coco_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise SeganyError(f"cannot read COCO annotations {path}: {error}") from None
     if (
         not isinstance(data, dict)
@@ -114,33 +117,49 @@ def decode_rle(rle: dict[str, Any] | list[dict[str, Any]]) -> np.ndarray:
         return mask_utils.decode(rle).astype(bool)
 
 
+def _check_polygons(polygons: list[list[float]], height: int, width: int) -> None:
+    """ValueError unless every coordinate is finite and within one image size of the image.
+
+    pycocotools rasterises polygons in C without checks: NaN, infinity or coordinates of
+    about 1e9 crash the process (or allocate gigabytes), so annotation files from
+    elsewhere are checked first. Polygons reaching a little outside the image are kept.
+    """
+    side = max(height, width)
+    for polygon in polygons:
+        values = np.asarray(polygon, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < -side or values.max() > 2 * side:
+            raise ValueError(
+                f"polygon coordinates must be finite pixel positions near the {width}x{height} "
+                "image"
+            )
+
+
 def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     """Decode COCO polygons or RLE to an (H, W) bool mask; ValueError if it does not fit.
 
     Polygons are in pixels of the image (x, y pairs); several polygons are one object.
+    RLEs are decoded by segany after checking that their runs cover exactly the image
+    (pycocotools trusts the counts and writes past its buffer when they add up to more).
     """
     problem = segmentation_problem(segmentation)
     if problem:
         raise ValueError(problem)
     if isinstance(segmentation, list):
+        _check_polygons(segmentation, height, width)
         rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle_height, rle_width = (int(v) for v in segmentation["size"])
-        if (rle_height, rle_width) != (height, width):
-            raise ValueError(
-                f"RLE size {rle_width}x{rle_height} differs from the {width}x{height} image"
-            )
-        counts = segmentation["counts"]
-        if isinstance(counts, str):
-            rle = {"size": [height, width], "counts": counts.encode("ascii")}
-        else:
-            if sum(counts) != height * width:
-                raise ValueError(f"RLE run lengths add up to {sum(counts)}, not {height * width}")
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-    try:
-        return decode_rle(rle)
-    except Exception as error:  # pycocotools raises bare Exceptions on corrupt counts
-        raise ValueError(f"cannot decode RLE: {error}") from None
+        try:
+            return decode_rle(rle)
+        except Exception as error:  # pycocotools raises bare Exceptions
+            raise ValueError(f"cannot decode polygons: {error}") from None
+    rle_height, rle_width = (int(v) for v in segmentation["size"])
+    if (rle_height, rle_width) != (height, width):
+        raise ValueError(
+            f"RLE size {rle_width}x{rle_height} differs from the {width}x{height} image"
+        )
+    counts = segmentation["counts"]
+    checked = {"size": [height, width], "counts": counts}
+    # Both raise ValueError naming the problem (malformed string, runs not adding up).
+    return rle_to_mask(coco_to_rle(checked) if isinstance(counts, str) else check_rle(checked))
 
 
 def _decode_coco(
@@ -168,9 +187,30 @@ def coco_image_dirs(json_path: Path) -> list[Path]:
     return dirs
 
 
+def is_safe_file_name(file_name: str) -> bool:
+    """Whether an annotation's ``file_name`` stays inside the folder it is looked up in:
+    relative (no ``/``, ``\\`` or drive at the start), no ``..`` part, no NUL.
+
+    Annotation files come from elsewhere; one naming ``/etc/passwd`` or ``../../x`` must
+    not make segany read outside the data folder (as the web app refuses such names).
+    """
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    return (
+        bool(file_name)
+        and "\0" not in file_name
+        and not posix.is_absolute()
+        and ".." not in posix.parts
+        and not PureWindowsPath(file_name).drive
+    )
+
+
 def locate_image(file_name: str, dirs: list[Path]) -> Path | None:
-    """The first ``dir / file_name`` that exists, or None."""
-    return next((d / file_name for d in dirs if (d / file_name).is_file()), None)
+    """The first ``dir / file_name`` that exists, or None (always None for a name that
+    :func:`is_safe_file_name` refuses)."""
+    if not is_safe_file_name(file_name):
+        return None
+    # os.path.isfile answers False for names the file system refuses (too long, ...).
+    return next((d / file_name for d in dirs if os.path.isfile(d / file_name)), None)
 
 
 def _annotation_problem(ann: Any) -> str | None:
@@ -209,12 +249,15 @@ def index_coco(root: Path) -> list[ImageEntry]:
     data = load_coco_json(json_path)
     objects = _objects_by_image(data, json_path)
     dirs = coco_image_dirs(json_path)
-    entries, missing, empty = [], [], []
+    entries, missing, empty, unsafe = [], [], [], []
     for record in data["images"]:
         if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
             report(f"skipped an image record without 'file_name' in {json_path}")
             continue
         file_name = record["file_name"]
+        if not is_safe_file_name(file_name):
+            unsafe.append(repr(file_name))
+            continue
         found = objects.get(record.get("id"), [])
         if not any(not crowd for _, _, crowd in found):
             empty.append(file_name)
@@ -227,6 +270,9 @@ def index_coco(root: Path) -> list[ImageEntry]:
         n_objects = sum(not crowd for _, _, crowd in found)
         decode = partial(_decode_coco, tuple(found), where)
         entries.append(ImageEntry(Path(file_name).stem, path, n_objects, decode))
+    summarise_skipped(
+        "images whose file_name leaves the data folder (absolute or '..')", unsafe, json_path
+    )
     summarise_skipped("images without objects", empty, json_path)
     summarise_skipped("missing image files", missing, json_path)
     return entries

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,15 +135,33 @@ def accepted_data(coco_path: Path, images_dir: Path | None) -> AcceptedData:
 
 def write_subset(accepted: AcceptedData, stems: set[str], folder: Path) -> Path:
     """``folder/annotations.json``: the accepted annotations of the images with ``stems``,
-    image paths made absolute (so they are found wherever the file is)."""
+    the images linked into ``folder/images/`` (a COCO loader reads only names inside the
+    data folder, see :func:`segany.data.coco.is_safe_file_name`)."""
     chosen = [(r, p) for r, p in accepted.images if p.stem in stems]
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for _, path in chosen:
+        _link_or_copy(path.resolve(), folder / "images" / path.name)
     document = {
-        "images": [{**record, "file_name": str(path.resolve())} for record, path in chosen],
+        "images": [{**record, "file_name": path.name} for record, path in chosen],
         "annotations": [a for r, _ in chosen for a in accepted.annotations[r["id"]]],
         "categories": accepted.data.get("categories") or [],
     }
     write_json(folder / "annotations.json", document)
     return folder
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` names ``source``'s file: a symbolic link, else a hard link, else a copy
+    (file systems without links)."""
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    for link in (target.symlink_to, target.hardlink_to):
+        try:
+            link(source)
+            return
+        except OSError:
+            continue
+    shutil.copyfile(source, target)
 
 
 def _limited(dataset: SegmentationDataset, limit: int | None) -> SegmentationDataset:

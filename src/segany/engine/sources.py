@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import check_writable
 from ..data.base import IMAGE_SUFFIXES
 from ..errors import SeganyError
 
@@ -136,9 +137,7 @@ def plan_jobs(
     ]
 
 
-def output_folder(path: str | Path) -> Path:
-    """``path`` as an output folder (it may not exist yet); SeganyError if it is a file."""
-    outdir = Path(path)
-    if outdir.exists() and not outdir.is_dir():
-        raise SeganyError(f"output {str(path)!r} is a file; give a folder for -o")
-    return outdir
+def output_folder(path: str | Path, option: str = "-o") -> Path:
+    """``path`` as an output folder (it may not exist yet); SeganyError if it is a file or
+    cannot be written (checked before any work, see :func:`segany.atomic.check_writable`)."""
+    return check_writable(path, option, folder=True)

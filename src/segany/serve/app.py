@@ -10,21 +10,34 @@ HTML/CSS/JS from ``static/``. The JSON API under ``/api/`` uses, everywhere:
 * masks as COCO RLE ``{"size": [height, width], "counts": "..."}`` (compressed string, as
   pycocotools writes it; the uncompressed list form is accepted on input);
 * errors as ``{"detail": "one line"}``: 400 bad input, 401 no token, 403 a change sent
-  by another site's page, 404 unknown id, 412 the object changed since you read it,
-  413 body too large, 415 not an image, 422 malformed request.
+  by another site's page, 404 unknown id, 409 the job was cancelled, 412 the object
+  changed since you read it, 413 body too large, 415 not an image, 422 malformed request
+  (an id beyond SQLite's 64-bit integers included), 429 too many jobs waiting.
+
+"Segment everything" is bounded and queued (see :mod:`.limits` and :mod:`.jobs`): it
+runs as a job, one at a time, while clicks go on being answered. ``POST
+/api/images/{id}/everything/jobs`` starts one and answers at once (202) with its id,
+status, queue position and progress; ``GET /api/jobs/{id}`` follows it (its proposals
+come with it when done), ``GET /api/jobs`` shows the queue, and ``DELETE /api/jobs/{id}``
+cancels it (a running job stops after its current decoder batch and writes nothing).
+``POST /api/images/{id}/everything`` does the same and waits for the proposals.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response, UploadFile
@@ -33,7 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from .. import __version__
@@ -43,7 +56,17 @@ from ..mask_formats import write_json
 from ..masks import check_rle, coco_bbox, coco_to_rle, masks_to_rle, rle_area, rle_to_coco
 from ..modeling import Sam
 from .export import coco_export, png_zip, write_png_folder
+from .jobs import Job, JobCancelled, JobQueue, JobStatus, QueueFull
 from .library import ImageLibrary, NotAnImage
+from .limits import (
+    FINISHED_JOBS_KEPT,
+    MAX_CROP_N_LAYERS,
+    MAX_EVERYTHING_PROMPTS,
+    MAX_ID,
+    MAX_POINTS_PER_SIDE,
+    MAX_QUEUED_JOBS,
+    check_everything_work,
+)
 from .security import (
     TOKEN_COOKIE,
     BodyLimit,
@@ -58,6 +81,8 @@ from .store import Conflict, NewObject, NotFound, ProjectStore, StoredImage, Sto
 STATIC_DIR = Path(__file__).parent / "static"
 PROJECT_FILE = "project.sqlite"
 JPEG_QUALITY = 92
+JOB_POLL_SECONDS = 0.05  # how often a waiting "everything" request looks at its job
+SHUTDOWN_WAIT_SECONDS = 30.0  # for the running job to stop (one step) when the server stops
 
 
 @dataclass(frozen=True)
@@ -75,6 +100,9 @@ class ServeSettings:
         allowed_hosts: accepted ``Host`` headers (guards a loopback server against DNS
             rebinding), or None to accept any.
         model_name: shown in the page.
+        max_everything_prompts: decoder prompts one "segment everything" may ask for
+            (points_per_side² per crop); more get 400. See :mod:`.limits`.
+        max_queued_jobs: jobs that may wait behind the running one; more get 429.
     """
 
     images_dir: Path | None
@@ -85,6 +113,8 @@ class ServeSettings:
     disk_cache: bool = True
     allowed_hosts: tuple[str, ...] | None = None
     model_name: str = "custom"
+    max_everything_prompts: int = MAX_EVERYTHING_PROMPTS
+    max_queued_jobs: int = MAX_QUEUED_JOBS
 
 
 class Project:
@@ -96,6 +126,7 @@ class Project:
         self.library = ImageLibrary(self.store, settings.images_dir, settings.project_dir)
         cache = settings.project_dir / "embeddings" if settings.disk_cache else None
         self.segmenter = Segmenter(model, cache, settings.cache_size)
+        self.jobs = JobQueue(settings.max_queued_jobs, FINISHED_JOBS_KEPT)
         self.library.scan()
 
 
@@ -104,7 +135,14 @@ class Project:
 # -------------------------------------------------------------------------------------
 
 
-class RLE(BaseModel):
+class Body(BaseModel):
+    """A request body's part: its numbers must be finite. JSON has no NaN or Infinity,
+    but Python's parser takes them, and a stored one would break every later export."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class RLE(Body):
     """A mask as COCO RLE, column-major over the image: compressed ``counts`` string, or
     uncompressed run lengths starting with a run of zeros."""
 
@@ -112,7 +150,7 @@ class RLE(BaseModel):
     counts: str | list[int]
 
 
-class Prompts(BaseModel):
+class Prompts(Body):
     """Prompts in pixels of the original image."""
 
     points: list[tuple[float, float]] = Field(
@@ -146,14 +184,15 @@ class EmbeddingOut(BaseModel):
     seconds: float
 
 
-class EverythingIn(BaseModel):
-    """Options of the automatic mask generator (SAM's defaults)."""
+class EverythingIn(Body):
+    """Options of the automatic mask generator (SAM's defaults), within the server's
+    limits (see :mod:`segany.serve.limits`)."""
 
-    points_per_side: int = Field(32, ge=1, le=128)
+    points_per_side: int = Field(32, ge=1, le=MAX_POINTS_PER_SIDE)
     pred_iou_thresh: float = Field(0.88, ge=0, le=1)
     stability_score_thresh: float = Field(0.95, ge=0, le=1)
     box_nms_thresh: float = Field(0.7, ge=0, le=1)
-    crop_n_layers: int = Field(0, ge=0, le=3)
+    crop_n_layers: int = Field(0, ge=0, le=MAX_CROP_N_LAYERS)
     min_mask_region_area: int = Field(0, ge=0)
 
 
@@ -167,7 +206,7 @@ class ImageOut(BaseModel):
     proposals: int = 0
 
 
-class ObjectIn(BaseModel):
+class ObjectIn(Body):
     mask: RLE
     label: str = Field("", max_length=200)
     source: Literal["manual", "auto", "proposal"] = "manual"
@@ -175,7 +214,7 @@ class ObjectIn(BaseModel):
     prompts: Prompts = Field(default_factory=Prompts)
 
 
-class ObjectPatch(BaseModel):
+class ObjectPatch(Body):
     """Fields to change; those left out stay as they are."""
 
     label: str | None = Field(None, max_length=200)
@@ -200,11 +239,30 @@ class ObjectOut(BaseModel):
     updated_at: str
 
 
+class JobOut(BaseModel):
+    """A "segment everything" job (see :mod:`segany.serve.jobs`)."""
+
+    id: int
+    kind: Literal["everything"]
+    image_id: int
+    status: JobStatus
+    position: int | None = Field(
+        description="0 while running, n when n - 1 jobs run before it; null once finished"
+    )
+    progress: float = Field(description="fraction of the decoder batches done, 0 to 1")
+    options: dict[str, Any]
+    error: str | None = Field(description="why it failed or was cancelled")
+    objects: list[ObjectOut] | None = Field(description="the proposals it stored, once done")
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
 class CountOut(BaseModel):
     count: int
 
 
-class ExportIn(BaseModel):
+class ExportIn(Body):
     format: Literal["coco", "png"] = "coco"
     include_proposals: bool = False
 
@@ -223,8 +281,12 @@ def get_project(request: Request) -> Project:
 
 
 ProjectDep = Annotated[Project, Depends(get_project)]
-ImageId = Annotated[int, PathParam(ge=1, description="image id from GET /api/images")]
-ObjectId = Annotated[int, PathParam(ge=1, description="object id")]
+# Every id path parameter is 1 to SQLite's largest integer, else 422: a larger one would
+# overflow the database driver (a 500), not just name nothing.
+ID_RANGE: dict[str, Any] = {"ge": 1, "le": MAX_ID}
+ImageId = Annotated[int, PathParam(**ID_RANGE, description="image id from GET /api/images")]
+ObjectId = Annotated[int, PathParam(**ID_RANGE, description="object id")]
+JobId = Annotated[int, PathParam(**ID_RANGE, description="job id from POST .../everything/jobs")]
 IfMatch = Annotated[
     str | None, Header(description="the object's ETag (version); 412 if it changed since")
 ]
@@ -247,7 +309,7 @@ def _expected_version(if_match: str | None) -> int | None:
     if if_match is None or if_match.strip() == "*":
         return None
     text = if_match.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # int() takes other digits, not "²"
         raise SeganyError(f'If-Match must be an object\'s ETag such as "3", got {if_match!r}')
     return int(text)
 
@@ -331,7 +393,12 @@ def info(project: ProjectDep) -> dict[str, Any]:
         "model": settings.model_name,
         "images_dir": None if settings.images_dir is None else str(settings.images_dir),
         "project_dir": str(settings.project_dir),
+        # The limits on one request (see segany.serve.limits).
         "max_upload_bytes": settings.max_upload_bytes,
+        "max_points_per_side": MAX_POINTS_PER_SIDE,
+        "max_crop_n_layers": MAX_CROP_N_LAYERS,
+        "max_everything_prompts": settings.max_everything_prompts,
+        "max_queued_jobs": settings.max_queued_jobs,
     }
 
 
@@ -423,20 +490,98 @@ def predict(project: ProjectDep, image_id: ImageId, body: PredictIn) -> PredictO
     )
 
 
+def _submit_everything(project: Project, image_id: int, body: EverythingIn | None) -> Job:
+    """Queue "segment everything" on an image after checking the request's work against
+    the server's budget (400) and the image's id (404)."""
+    options = (body or EverythingIn()).model_dump()
+    settings = project.settings
+    check_everything_work(
+        options["points_per_side"], options["crop_n_layers"], settings.max_everything_prompts
+    )
+    image = project.store.image(image_id)
+
+    def work(job: Job) -> list[StoredObject]:
+        records = project.segmenter.everything(
+            project.library.content_key(image),
+            lambda: project.library.pixels(image),
+            options,
+            job.progress,
+        )
+        proposals = [_proposal(record) for record in records if record["area"] > 0]
+        job.check()  # the last moment to cancel: nothing is written yet
+        return project.store.create_objects(image_id, proposals, replace_proposals=True)
+
+    return project.jobs.submit("everything", image_id, options, work)
+
+
+def _job_out(project: Project, job: Job) -> JobOut:
+    progress = job.steps_done / job.steps_total if job.steps_total else 0.0
+    objects = job.result if job.status == "done" else None
+    return JobOut(
+        id=job.id,
+        kind="everything",
+        image_id=job.image_id,
+        status=job.status,
+        position=project.jobs.position(job),
+        progress=1.0 if job.status == "done" else progress,
+        options=job.options,
+        error=None if job.error is None else str(job.error),
+        objects=None if objects is None else [_object_out(obj) for obj in objects],
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
 @api.post("/images/{image_id}/everything", tags=["segmentation"])
-def segment_everything(
-    project: ProjectDep, image_id: ImageId, body: EverythingIn | None = None
+async def segment_everything(
+    project: ProjectDep, image_id: ImageId, request: Request, body: EverythingIn | None = None
 ) -> list[ObjectOut]:
     """Run the automatic mask generator; its masks replace the image's earlier
-    proposals (source ``proposal``) and are returned. Keep or delete them afterwards."""
-    image = project.store.image(image_id)
-    options = (body or EverythingIn()).model_dump()
-    records = project.segmenter.everything(
-        project.library.content_key(image), project.library.pixels(image), options
-    )
-    proposals = [_proposal(record) for record in records if record["area"] > 0]
-    stored = project.store.create_objects(image_id, proposals, replace_proposals=True)
-    return [_object_out(obj) for obj in stored]
+    proposals (source ``proposal``) and are returned. Keep or delete them afterwards.
+
+    Runs as a job (see POST /api/images/{id}/everything/jobs) and waits for it: 409 if
+    it is cancelled, and closing the connection cancels it."""
+    job = _submit_everything(project, image_id, body)
+    # Wait on the event loop, not in a worker thread, so a dropped client is noticed.
+    while not job.finished:
+        if await request.is_disconnected():
+            project.jobs.cancel(job.id)
+        await asyncio.sleep(JOB_POLL_SECONDS)
+    if job.error is not None:
+        raise job.error
+    return [_object_out(obj) for obj in job.result]
+
+
+@api.post("/images/{image_id}/everything/jobs", status_code=202, tags=["jobs"])
+def start_everything(
+    project: ProjectDep, image_id: ImageId, response: Response, body: EverythingIn | None = None
+) -> JobOut:
+    """Queue "segment everything" and answer at once with the job (status, position in
+    the queue, progress). Follow it with GET /api/jobs/{id}; 429 if the queue is full."""
+    job = _submit_everything(project, image_id, body)
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return _job_out(project, job)
+
+
+@api.get("/jobs", tags=["jobs"])
+def list_jobs(project: ProjectDep) -> list[JobOut]:
+    """The queue: the running job, the waiting ones in order, then recently finished ones."""
+    return [_job_out(project, job) for job in project.jobs.jobs()]
+
+
+@api.get("/jobs/{job_id}", tags=["jobs"])
+def get_job(project: ProjectDep, job_id: JobId) -> JobOut:
+    """A job's status, queue position and progress; its proposals once done."""
+    return _job_out(project, project.jobs.get(job_id))
+
+
+@api.delete("/jobs/{job_id}", tags=["jobs"])
+def cancel_job(project: ProjectDep, job_id: JobId) -> JobOut:
+    """Cancel a job: a waiting one at once (``cancelled``), the running one after its
+    current decoder batch (``cancelling``, then ``cancelled``); a cancelled job writes no
+    proposals. A finished job is returned as it is."""
+    return _job_out(project, project.jobs.cancel(job_id))
 
 
 @api.get("/images/{image_id}/objects", tags=["objects"])
@@ -584,12 +729,21 @@ def _index(request: Request, token: str | None = None) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """On shutdown, cancel the jobs and let the running one stop between two batches."""
+    yield
+    jobs = app.state.project.jobs
+    await anyio.to_thread.run_sync(jobs.shutdown, SHUTDOWN_WAIT_SECONDS)
+
+
 def create_app(model: Sam, settings: ServeSettings) -> FastAPI:
     """The web app for ``model`` and ``settings`` (opens or creates the project)."""
     app = FastAPI(
         title="segany serve",
         version=__version__,
         description=__doc__,
+        lifespan=_lifespan,
     )
     app.state.project = Project(model, settings)
     app.include_router(api)
@@ -598,6 +752,8 @@ def create_app(model: Sam, settings: ServeSettings) -> FastAPI:
     for error_type, status in (
         (NotFound, 404),
         (Conflict, 412),
+        (JobCancelled, 409),
+        (QueueFull, 429),
         (NotAnImage, 415),
         (SeganyError, 400),
     ):

@@ -26,6 +26,7 @@ delete buttons, and an export of the project is what ``segany engine retrain`` l
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from numbers import Real
@@ -123,6 +124,11 @@ def _problem(message: str, coco_path: Path) -> SeganyError:
     return SeganyError(f"cannot import {coco_path}: {message}")
 
 
+def _is_key(value: Any) -> bool:
+    """Whether a JSON value can be an id to look up (lists and objects cannot)."""
+    return not isinstance(value, list | dict)
+
+
 def _image_records(data: dict[str, Any], coco_path: Path) -> dict[Any, dict[str, Any]]:
     """Image records by id; SeganyError for one without ``id`` or ``file_name``."""
     records = {}
@@ -141,11 +147,12 @@ def _checked_annotations(data: dict[str, Any], coco_path: Path) -> list[dict[str
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise _problem(f"annotation {index} is not an object", coco_path)
-        problem = (
-            "no 'image_id'"
-            if not isinstance(ann.get("image_id"), int | str)
-            else segmentation_problem(ann.get("segmentation"))
-        )
+        if not isinstance(ann.get("image_id"), int | str):
+            problem = "no 'image_id'"
+        elif not _is_key(ann.get("category_id")):
+            problem = "'category_id' must be a number or a string"
+        else:
+            problem = segmentation_problem(ann.get("segmentation"))
         if problem:
             raise _problem(f"annotation {ann.get('id', index)}: {problem}", coco_path)
     return data["annotations"]
@@ -157,7 +164,9 @@ def _labels(data: dict[str, Any], coco_path: Path) -> dict[Any, str]:
     if not isinstance(categories, list):
         raise _problem("'categories' must be a list", coco_path)
     labels = {}
-    for category in categories:
+    for index, category in enumerate(categories):
+        if isinstance(category, dict) and not _is_key(category.get("id")):
+            raise _problem(f"category {index}: 'id' must be a number or a string", coco_path)
         if isinstance(category, dict) and isinstance(category.get("name"), str):
             name = category["name"].strip()
             labels[category.get("id")] = "" if name == PROPOSAL_CATEGORY else name
@@ -184,11 +193,25 @@ def _number(*values: Any) -> float | None:
     return None
 
 
+def _finite_json(value: Any) -> bool:
+    """Whether a JSON value holds no NaN or Infinity."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_json(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_finite_json(item) for item in value)
+    return True
+
+
 def _point_prompts(points: Any) -> dict[str, Any]:
     """The prompts of a proposal from its ``point_coords`` (foreground clicks), if valid."""
     if not isinstance(points, list) or not points:
         return {}
-    if not all(isinstance(p, list) and len(p) == 2 and _number(*p) is not None for p in points):
+    if not all(
+        isinstance(p, list) and len(p) == 2 and all(_number(v) is not None for v in p)
+        for p in points
+    ):
         return {}
     return {"points": points, "labels": [1] * len(points), "box": None}
 
@@ -198,7 +221,10 @@ def _new_object(
 ) -> tuple[NewObject, dict[str, Any]]:
     """The object to store for a decoded annotation, and its ``"segany"`` marks."""
     marks = ann.get("segany") if isinstance(ann.get("segany"), dict) else {}
-    marks = {key: value for key, value in marks.items() if key != "proposal"}
+    # A NaN or Infinity (Python's json reads them) could never be exported again: dropped.
+    marks = {
+        key: value for key, value in marks.items() if key != "proposal" and _finite_json(value)
+    }
     coco = record_coco_rle({"segmentation": mask})
     # Kept automatic masks (as serve exports them) stay automatic.
     accepted = "auto" if ann.get("source") == "auto" else "manual"

@@ -3,16 +3,26 @@
 An image's embedding is keyed by the SHA-256 of its file and kept in an in-memory LRU; with
 a cache folder it is also saved as ``<folder>/<model fingerprint>/<sha256>.pt``, so a
 restarted server does not compute it again. A click then runs only the prompt encoder and
-mask decoder. One lock serialises the model: the predictor holds one image at a time.
+mask decoder.
+
+One lock serialises the model (the predictor holds one image at a time, and the mask
+decoder keeps the last image's prepared side). It is fair to clicks: "segment everything"
+takes it one step at a time (one decoder batch of :data:`JOB_POINTS_PER_BATCH` prompts,
+one crop's encoder pass) and lets every waiting click go first, so a click waits for one
+step of a long job, never the whole job. The job's mask upscaling and encoding touch no
+model state and run outside the lock: they share the CPU with clicks instead of blocking
+them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,12 +31,20 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
-from ..automatic_mask_generator import SamAutomaticMaskGenerator
+from ..automatic_mask_generator import MaskCandidates, SamAutomaticMaskGenerator
+from ..masks import generate_crop_boxes
 from ..modeling import Sam
 from ..predictor import SamPredictor
 
 ImageLoader = Callable[[], np.ndarray]
 EmbeddingSource = Literal["memory", "disk", "computed"]
+# progress(steps done, steps in all), called between the steps of a long job; an exception
+# it raises stops the job there.
+Progress = Callable[[int, int], None]
+# Prompts a background job decodes per hold of the model lock: a click waits for at most
+# one such batch. The generator's own default (64) made clicks wait ~4x longer on a CPU,
+# and smaller batches cost the job little (the decoder keeps its image side between them).
+JOB_POINTS_PER_BATCH = 16
 
 
 def model_fingerprint(model: Sam) -> str:
@@ -45,25 +63,132 @@ def model_fingerprint(model: Sam) -> str:
 
 @dataclass(frozen=True)
 class Embedding:
-    """An image embedding (1, C, h, w) and the (H, W) of the image it was computed from."""
+    """An image embedding (1, C, h, w), the (H, W) of the image it was computed from, and
+    for a decoder that takes them the image's high-resolution features (else None)."""
 
     features: torch.Tensor
     original_size: tuple[int, int]
+    high_res_features: list[torch.Tensor] | None = None
+
+    def set_into(self, predictor: SamPredictor) -> None:
+        """Give ``predictor`` this embedding instead of encoding the image again."""
+        predictor.set_image_embedding(self.features, self.original_size, self.high_res_features)
+
+
+class ModelLock:
+    """The model's lock, fair to interactive requests.
+
+    :meth:`interactive` (a click, an embedding) waits only for whoever holds the model;
+    :meth:`step` (one step of a long job) also lets every waiting interactive request go
+    first. Not reentrant.
+    """
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._held = False
+        self._interactive_waiting = 0
+
+    @contextlib.contextmanager
+    def interactive(self) -> Iterator[None]:
+        with self._state:
+            self._interactive_waiting += 1
+            try:
+                self._state.wait_for(lambda: not self._held)
+            finally:
+                self._interactive_waiting -= 1
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        with self._state:
+            self._state.wait_for(lambda: not self._held and self._interactive_waiting == 0)
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._state:
+            self._held = False
+            self._state.notify_all()
 
 
 class _ReusingPredictor(SamPredictor):
     """A predictor that takes a known embedding instead of encoding the same image again
-    (the automatic mask generator's full-image crop is the whole image)."""
+    (the automatic mask generator's full-image crop is the whole image), and holds the
+    model lock for each crop's encoder pass."""
 
-    def __init__(self, model: Sam, image: np.ndarray, embedding: Embedding) -> None:
+    def __init__(self, model: Sam, image: np.ndarray, embedding: Embedding, lock: ModelLock):
         super().__init__(model)
-        self._image, self._embedding = image, embedding
+        self._image, self._embedding, self._lock = image, embedding, lock
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        if image_format == "RGB" and image.shape == self._image.shape:
-            self.set_image_embedding(self._embedding.features, self._embedding.original_size)
-        else:
-            super().set_image(image, image_format)
+        with self._lock.step():
+            if image_format == "RGB" and image.shape == self._image.shape:
+                self._embedding.set_into(self)
+            else:
+                super().set_image(image, image_format)
+
+
+class _SteppedGenerator(SamAutomaticMaskGenerator):
+    """The automatic mask generator run as a background job: it reports progress before
+    each decoder batch (where the job may be cancelled), and holds the model lock only
+    while the model decodes a batch, so clicks are served between batches and while the
+    batch's masks are upscaled and encoded.
+
+    The generator has no progress hook, so two of its steps are wrapped here rather than
+    changing it. Its masks are the plain generator's: the smaller batches only split the
+    same work differently.
+    """
+
+    def __init__(
+        self, predictor: _ReusingPredictor, lock: ModelLock, progress: Progress, **options: Any
+    ) -> None:
+        super().__init__(
+            predictor.model,
+            output_mode="uncompressed_rle",
+            points_per_batch=JOB_POINTS_PER_BATCH,
+            **options,
+        )
+        self.predictor = predictor
+        self._lock, self._progress = lock, progress
+        self._done, self._total = 0, 0
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        # Progress counts decoder batches: each crop runs its layer's grid in batches.
+        _, layers = generate_crop_boxes(
+            (int(image.shape[0]), int(image.shape[1])), self.crop_n_layers, self.crop_overlap_ratio
+        )
+        self._total = sum(
+            math.ceil(len(self.point_grids[layer]) / self.points_per_batch) for layer in layers
+        )
+        records = super().generate(image)
+        self._progress(self._done, self._total)
+        return records
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        crop_box: list[int],
+        image: np.ndarray,
+        image_pe: torch.Tensor,
+    ) -> MaskCandidates:
+        self._progress(self._done, self._total)
+        result = super()._process_batch(points, crop_box, image, image_pe)
+        self._done += 1
+        return result
+
+    def _decode(
+        self, points: np.ndarray, crop_size: tuple[int, int], image_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The decoder keeps state (the image side it prepared last): one user at a time.
+        with self._lock.step():
+            return super()._decode(points, crop_size, image_pe)
 
 
 class Segmenter:
@@ -82,13 +207,13 @@ class Segmenter:
         self.cache_dir = None if cache_dir is None else cache_dir / model_fingerprint(model)
         self._memory: OrderedDict[str, Embedding] = OrderedDict()
         self._current: str | None = None  # the key whose embedding the predictor holds
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
 
     # -- embeddings ---------------------------------------------------------------------
 
     def embed(self, key: str, load_image: ImageLoader) -> EmbeddingSource:
         """Make sure the embedding of image ``key`` is cached; says where it came from."""
-        with self._lock:
+        with self._lock.interactive():
             return self._embedding(key, load_image)[1]
 
     def _embedding(self, key: str, load_image: ImageLoader) -> tuple[Embedding, EmbeddingSource]:
@@ -109,7 +234,10 @@ class Segmenter:
         self.predictor.set_image(image)
         self._current = None  # set below by whoever uses it under its key
         features = self.predictor.get_image_embedding().detach().cpu()
-        return Embedding(features, (int(image.shape[0]), int(image.shape[1])))
+        high_res = self.predictor.high_res_features
+        if high_res is not None:
+            high_res = [f.detach().cpu() for f in high_res]
+        return Embedding(features, (int(image.shape[0]), int(image.shape[1])), high_res)
 
     def _file(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{key}.pt"
@@ -120,7 +248,9 @@ class Segmenter:
             return None
         try:
             saved = torch.load(file, map_location="cpu", weights_only=True)
-            return Embedding(saved["features"], tuple(saved["original_size"]))
+            return Embedding(
+                saved["features"], tuple(saved["original_size"]), saved.get("high_res_features")
+            )
         except Exception:  # a damaged cache file is only a lost shortcut: compute again
             return None
 
@@ -130,7 +260,11 @@ class Segmenter:
             return
         with atomic_path(file) as temp:
             torch.save(
-                {"features": embedding.features, "original_size": list(embedding.original_size)},
+                {
+                    "features": embedding.features,
+                    "original_size": list(embedding.original_size),
+                    "high_res_features": embedding.high_res_features,
+                },
                 temp,
             )
 
@@ -138,7 +272,7 @@ class Segmenter:
         """Put image ``key``'s embedding into the predictor (call with the lock held)."""
         embedding, source = self._embedding(key, load_image)
         if self._current != key:
-            self.predictor.set_image_embedding(embedding.features, embedding.original_size)
+            embedding.set_into(self.predictor)
             self._current = key
         return source
 
@@ -164,7 +298,7 @@ class Segmenter:
             masks (C, H, W) bool, scores (C,), where the embedding came from, and the
             seconds the decoder took.
         """
-        with self._lock:
+        with self._lock.interactive():
             source = self._hold(key, load_image)
             start = time.perf_counter()
             masks, scores, _ = self.predictor.predict(
@@ -173,12 +307,24 @@ class Segmenter:
             return masks, scores, source, time.perf_counter() - start
 
     def everything(
-        self, key: str, image: np.ndarray, options: dict[str, Any]
+        self,
+        key: str,
+        load_image: ImageLoader,
+        options: dict[str, Any],
+        progress: Progress | None = None,
     ) -> list[dict[str, Any]]:
         """:meth:`SamAutomaticMaskGenerator.generate` records (uncompressed RLE masks)
-        for ``image``, reusing its cached embedding for the full-image pass."""
-        generator = SamAutomaticMaskGenerator(self.model, output_mode="uncompressed_rle", **options)
-        with self._lock:
+        for image ``key``, reusing its cached embedding for the full-image pass.
+
+        Meant for a worker thread: the model is taken one step at a time (see
+        :class:`ModelLock`), and ``progress(done, total)`` is called before each decoder
+        batch and at the end; an exception it raises stops the work there.
+        """
+        image = load_image()
+        with self._lock.step():
             embedding, _ = self._embedding(key, lambda: image)
-            generator.predictor = _ReusingPredictor(self.model, image, embedding)
-            return generator.generate(image)
+        predictor = _ReusingPredictor(self.model, image, embedding, self._lock)
+        generator = _SteppedGenerator(
+            predictor, self._lock, progress or (lambda done, total: None), **options
+        )
+        return generator.generate(image)

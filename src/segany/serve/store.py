@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -179,9 +180,20 @@ def mask_key(mask: dict[str, Any]) -> str:
     return hashlib.sha256(f"{height}x{width}:{mask['counts']}".encode()).hexdigest()
 
 
+def _json_text(value: Any, what: str) -> str:
+    """``value`` as strict JSON; SeganyError if it holds NaN or Infinity, which Python's
+    ``json`` would write and read back but no export could then give out."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise SeganyError(f"{what} must hold finite numbers only") from None
+
+
 def _object_columns(new: NewObject) -> dict[str, Any]:
-    """Column values of ``new`` for INSERT/UPDATE."""
+    """Column values of ``new`` for INSERT/UPDATE (SeganyError for a non-finite number)."""
     height, width = new.mask["size"]
+    if new.score is not None and not math.isfinite(new.score):
+        raise SeganyError(f"score must be a finite number, got {new.score}")
     return {
         "label": new.label,
         "source": new.source,
@@ -189,9 +201,9 @@ def _object_columns(new: NewObject) -> dict[str, Any]:
         "width": int(width),
         "counts": new.mask["counts"],
         "area": int(new.area),
-        "bbox": json.dumps([float(v) for v in new.bbox]),
+        "bbox": _json_text([float(v) for v in new.bbox], "bbox"),
         "score": None if new.score is None else float(new.score),
-        "prompts": json.dumps(new.prompts or {}),
+        "prompts": _json_text(new.prompts or {}, "prompts"),
     }
 
 
@@ -379,7 +391,7 @@ class ProjectStore:
                         object_id,
                         item.annotation_id,
                         file,
-                        json.dumps(item.marks),
+                        _json_text(item.marks, "segany marks"),
                         now,
                     ),
                 )

@@ -626,6 +626,7 @@ async function start() {
   try {
     const { data } = await api("GET", "/api/info");
     $("model").textContent = `model ${data.model} · segany ${data.version}`;
+    $("points-per-side").max = data.max_points_per_side; // the server's limit, one source
     await loadImages();
     if (state.images.length) await openImage(0);
     else say("No images yet: upload some.");

@@ -1,0 +1,54 @@
+"""The bounds on what one request may ask of ``segany serve``, defined once here.
+
+Ids: SQLite stores integers in 64 bits, so an id above :data:`MAX_ID` names nothing and
+must be refused before it reaches the database (where Python's ``sqlite3`` would raise
+OverflowError instead of finding no row).
+
+Segment everything: its cost is one mask-decoder pass per prompt point and one
+image-encoder pass per crop (the full image's is usually cached). With SAM's default 32
+points per side that is 1,024 prompts; every crop layer multiplies the crops by 4 and
+each crop has its own points_per_side² grid. The caps below keep one request to minutes
+of CPU at the very worst:
+
+* ``points_per_side <= 64`` (4,096 prompts without crops): 4x SAM's default, which is
+  already dense enough for the small objects of a 1,024-pixel input.
+* ``crop_n_layers <= 1`` (the image plus 4 crops, so at most 4 encoder passes): a second
+  layer adds 16 more encoder passes, each seconds to tens of seconds of CPU with ViT-H.
+* a budget of :data:`MAX_EVERYTHING_PROMPTS` prompts in all, so that both caps at once
+  (64² x 5 crops = 20,480 prompts) are refused while SAM's ``crop_n_layers=1`` recipe at
+  32 points per side (5,120) is allowed. The budget is a :class:`~.app.ServeSettings`
+  field, so a server on a GPU may raise it.
+
+Jobs: "segment everything" runs as a job, one at a time; at most
+:data:`MAX_QUEUED_JOBS` wait behind the running one (more get 429), so a client cannot
+queue unbounded work either.
+"""
+
+from __future__ import annotations
+
+from ..errors import SeganyError
+
+MAX_ID = 2**63 - 1  # SQLite's largest INTEGER
+MAX_POINTS_PER_SIDE = 64
+MAX_CROP_N_LAYERS = 1
+MAX_EVERYTHING_PROMPTS = 32 * 32 * 5
+MAX_QUEUED_JOBS = 8
+FINISHED_JOBS_KEPT = 32  # finished jobs still answered by GET /api/jobs/{id}
+
+
+def everything_prompts(points_per_side: int, crop_n_layers: int) -> int:
+    """Decoder prompts of one "segment everything": points_per_side² in each crop, and
+    crop layer i has (2**i)² crops (the server keeps the generator's downscale factor 1)."""
+    crops = sum(4**layer for layer in range(crop_n_layers + 1))
+    return points_per_side**2 * crops
+
+
+def check_everything_work(points_per_side: int, crop_n_layers: int, budget: int) -> None:
+    """SeganyError (one line) when the options ask for more prompts than ``budget``."""
+    prompts = everything_prompts(points_per_side, crop_n_layers)
+    if prompts > budget:
+        raise SeganyError(
+            f"points_per_side={points_per_side} with crop_n_layers={crop_n_layers} asks for "
+            f"{prompts} prompts; this server allows {budget} per request: use fewer points "
+            "per side or fewer crop layers"
+        )
