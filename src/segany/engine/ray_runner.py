@@ -42,7 +42,7 @@ SHIP_CHUNK = 256
 # One image per block keeps a killed worker's lost work to the images it held, up to this.
 MAX_BLOCKS = 10_000
 # CPUs per worker without GPUs. Small models get one single-threaded worker per CPU: no
-# threads waiting on each other, which is slow on a busy machine (see the README); SAM's
+# threads waiting on each other, which is slow on a busy machine (see docs/data-engine.md); SAM's
 # ViT models take several GB each, so they get fewer, multi-threaded workers.
 CPUS_PER_SMALL_WORKER = 1
 CPUS_PER_LARGE_WORKER = 4
