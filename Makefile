@@ -17,8 +17,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[torch,demo]'
 	touch $@
 
+# Meta's sam2 (the reference for SAM 2-style decoders) asks for torchvision, which cannot
+# load beside the CPU torch: installed without its dependencies (those it needs at import
+# are in the test extra), built against the installed torch, without its CUDA extension.
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[all,test]'
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-deps --no-build-isolation sam2==1.1.0
 	touch $@
 
 # The browser tests drive Debian's Chromium (a test tool's own browser download is not

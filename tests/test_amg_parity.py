@@ -303,9 +303,9 @@ def test_prompts_failing_the_iou_filter_skip_upscaling(monkeypatch: pytest.Monke
     wanted_flags: list[bool] = []
     original = MaskDecoder._masks
 
-    def spy(self, src, hyper_in, size, wanted=None):
+    def spy(self, src, hyper_in, size, wanted=None, *rest):
         wanted_flags.extend(wanted or [])
-        return original(self, src, hyper_in, size, wanted)
+        return original(self, src, hyper_in, size, wanted, *rest)
 
     monkeypatch.setattr(MaskDecoder, "_masks", spy)
     options = {"points_per_side": 6, "pred_iou_thresh": threshold,

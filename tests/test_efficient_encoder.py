@@ -22,7 +22,7 @@ from segany.build import (
 from segany.errors import SeganyError
 from segany.modeling import EfficientEncoder
 from segany.modeling.common import ConvNormAct
-from segany.modeling.efficient_encoder import imagenet_state_dict
+from segany.modeling.efficient_encoder import LITE2_STAGES, imagenet_state_dict
 from segany.train.init import (
     imagenet_weights_file,
     load_decoder_checkpoint,
@@ -99,6 +99,30 @@ def test_encoder_init_loads_imagenet_backbone(classifier) -> None:
         assert torch.equal(value, neck[key])
 
 
+def test_lite2_starts_from_its_imagenet_weights() -> None:
+    """The default model v2's backbone: EfficientNet-Lite2's weights, found by the stages,
+    and its blocks compute what the reference's compute."""
+    config = config_from_dict(
+        {"encoder": {"type": "efficient", "stages": LITE2_STAGES}, "img_size": 512}
+    )
+    model = build_sam_from_config(config)
+    load_encoder_init(model, "imagenet")
+    classifier = torch.load(imagenet_weights_file("lite2"), map_location="cpu", weights_only=True)
+    assert torch.equal(model.image_encoder.stem[0].weight, classifier["_conv_stem.weight"])
+    reference = EfficientNet.from_name("efficientnet-lite2")
+    reference.load_state_dict(classifier)
+    encoder = model.image_encoder.eval()
+    torch.manual_seed(0)
+    compared = 0
+    for ours, theirs in zip(encoder.blocks, reference.eval()._blocks, strict=True):
+        if ours.depthwise[0].stride == (1, 1):
+            x = torch.randn(1, theirs._block_args.input_filters, 14, 14)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=5e-5)
+            compared += 1
+    assert compared == 17  # all 21 blocks but the 4 with stride 2
+
+
 def test_encoder_init_errors(tmp_path) -> None:
     vit = build_sam_from_config(MODEL_CONFIGS["vit_t"])
     with pytest.raises(SeganyError, match="needs an EfficientNet-Lite encoder"):
@@ -108,7 +132,7 @@ def test_encoder_init_errors(tmp_path) -> None:
         load_encoder_init(model, str(tmp_path / "missing.pth"))
     other = tmp_path / "other.pth"
     torch.save({"_conv_stem.weight": torch.zeros(8, 3, 3, 3)}, other)
-    with pytest.raises(SeganyError, match="must be EfficientNet-Lite0"):
+    with pytest.raises(SeganyError, match="must be an EfficientNet-Lite classifier"):
         load_encoder_init(model, str(other))
 
 

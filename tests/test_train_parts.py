@@ -10,7 +10,7 @@ import torch
 from reference import TINY_CONFIG
 
 from segany.build import MODEL_CONFIGS, build_sam_from_config
-from segany.train.augment import prepare_item
+from segany.train.augment import TrainItem, copy_paste, prepare_item
 from segany.train.config import AugmentSection, ModelSection, OptimSection
 from segany.train.losses import dice_loss, focal_loss, mask_iou, sam_loss
 from segany.train.prompts import (
@@ -152,6 +152,28 @@ def test_prepare_item_geometry() -> None:
     )
     assert (item.image[:, :, 32:] == 255).all()
     assert prepare_item(image, masks[:0], "x", 64, 4, 1, augment, np.random.default_rng(0)) is None
+
+
+def test_copy_paste_by_hand() -> None:
+    """Donor pixels replace the item's under the pasted object; the item's objects lose
+    what is covered (and vanish below the minimum area); pasted masks come first."""
+    image = torch.zeros(3, 4, 6, dtype=torch.uint8)  # 4 x 6 image in an 8 x 8 frame
+    left, corner = torch.zeros(2, 8, 8, dtype=torch.bool)
+    left[:4, :3] = True  # 12 pixels
+    corner[2, 3] = True  # 1 pixel, to be covered whole
+    item = TrainItem(image, torch.stack([left, corner]), "a")
+    donor_image = torch.full((3, 8, 5), 200, dtype=torch.uint8)  # 8 x 5: wider reach down
+    square = torch.zeros(8, 8, dtype=torch.bool)
+    square[1:6, 1:7] = True  # beyond both images on the right, beyond the item's below
+    donor = TrainItem(donor_image, square[None], "b")
+    out = copy_paste(item, donor, masks_per_image=8, min_mask_area=1, rng=np.random.default_rng(0))
+    pasted = torch.zeros(8, 8, dtype=torch.bool)
+    pasted[1:4, 1:5] = True  # inside the item (rows < 4) and the donor (cols < 5)
+    assert torch.equal(out.masks[0], pasted)
+    assert torch.equal(out.masks[1], left & ~pasted)
+    assert len(out.masks) == 2  # the covered 1-pixel object is gone
+    assert (out.image[:, 1:4, 1:5] == 200).all() and out.image.sum() == 200 * 3 * 12
+    assert out.image_id == "a+b"
 
 
 def test_tiny_config_builds_for_training() -> None:

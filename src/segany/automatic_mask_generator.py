@@ -421,7 +421,7 @@ class SamAutomaticMaskGenerator:
             )
             return self.predictor.precision.decode(
                 self.model.mask_decoder,
-                image_embeddings=self.predictor.decoder_features(),
+                **self.predictor.decoder_image_inputs(),
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,

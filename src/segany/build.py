@@ -152,6 +152,9 @@ class SamConfig:
     decoder_depth: int = 2
     decoder_heads: int = 8
     decoder_mlp_dim: int = 2048
+    # The decoder adds the encoder's 1/4 and 1/8 features into its upscaling (SAM 2's
+    # high-resolution features); needs an encoder with forward_features.
+    high_res_features: bool = False
     weights_file: str | None = field(default=None, compare=False)
 
     @property
@@ -214,8 +217,17 @@ def build_sam_from_config(config: SamConfig) -> Sam:
     """Build a randomly initialised model in eval mode."""
     grid = config.embedding_size
     dim = config.prompt_embed_dim
+    encoder = config.encoder.build(config.img_size, dim)
+    high_res_in_chans = None
+    if config.high_res_features:
+        if not hasattr(encoder, "forward_features"):
+            raise SeganyError(
+                f"high_res_features needs an encoder with 1/4 and 1/8 features "
+                f"({type(encoder).__name__} has none); use encoder type efficient"
+            )
+        high_res_in_chans = encoder.high_res_channels
     model = Sam(
-        image_encoder=config.encoder.build(config.img_size, dim),
+        image_encoder=encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=dim,
             image_embedding_size=(grid, grid),
@@ -233,6 +245,7 @@ def build_sam_from_config(config: SamConfig) -> Sam:
             transformer_dim=dim,
             iou_head_depth=3,
             iou_head_hidden_dim=256,
+            high_res_in_chans=high_res_in_chans,
         ),
     )
     return model.eval()
@@ -358,11 +371,16 @@ def official_weights_for(name: str) -> weights.WeightsInfo | None:
 
 
 def save_model(
-    model: Sam, path: str | Path, config: SamConfig, dtype: torch.dtype | None = None
+    model: Sam,
+    path: str | Path,
+    config: SamConfig,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Save weights as safetensors with ``config`` inside, so every tool can load them.
 
-    ``dtype`` stores the floating-point weights in another type (see :func:`save_weights`).
+    ``dtype`` stores the floating-point weights in another type (see :func:`save_weights`);
+    ``metadata`` adds string entries (e.g. the training progress, see segany.train).
     """
-    metadata = {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))}
-    return save_weights(model, path, metadata, dtype)
+    stored = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))}
+    return save_weights(model, path, stored, dtype)

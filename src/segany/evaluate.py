@@ -190,6 +190,7 @@ class ClickTrajectory:
     clicks: list[Click] = field(default_factory=list)
     ious: list[float] = field(default_factory=list)
     first_ious: list[float] = field(default_factory=list)
+    first_scores: list[float] = field(default_factory=list)  # their predicted IoUs
     first_choice: int = 0
 
 
@@ -227,6 +228,7 @@ def simulate_clicks(
         pick = int(np.argmax(mask_ious if oracle else scores))
         if len(result.clicks) == 1:
             result.first_ious, result.first_choice = mask_ious, pick
+            result.first_scores = [float(score) for score in scores]
         pred, mask_input = masks[pick], logits[pick][None]
         result.ious.append(mask_ious[pick])
         done = stop_iou is not None and max(result.ious) >= stop_iou
@@ -237,8 +239,15 @@ def simulate_clicks(
 
 def box_iou(predictor: Predictor, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
     """IoU of the single mask predicted for the tight box of ``gt``."""
-    masks, _, _ = predictor.predict(box=mask_box(gt), multimask_output=False)
-    return iou(masks[0], gt, ignore)
+    return box_prediction(predictor, gt, ignore)[0]
+
+
+def box_prediction(
+    predictor: Predictor, gt: np.ndarray, ignore: np.ndarray | None = None
+) -> tuple[float, float]:
+    """(IoU, predicted IoU) of the single mask predicted for the tight box of ``gt``."""
+    masks, scores, _ = predictor.predict(box=mask_box(gt), multimask_output=False)
+    return iou(masks[0], gt, ignore), float(scores[0])
 
 
 def grabcut(
@@ -293,6 +302,9 @@ class ObjectResult:
     iou_point_oracle: float | None = None
     iou_box: float | None = None
     iou_grabcut: float | None = None
+    # The model's predicted IoU of the masks scored in iou_point and iou_box.
+    score_point: float | None = None
+    score_box: float | None = None
 
     def noc(self, threshold: float, max_clicks: int) -> int:
         """Clicks needed to reach IoU >= ``threshold``; ``max_clicks`` if never reached."""
@@ -303,6 +315,18 @@ class ObjectResult:
 def _mean(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return float(np.mean(known)) if known and len(known) == len(values) else None
+
+
+def _correlation(records: Sequence[ObjectResult], predicted: str, actual: str) -> float | None:
+    """Pearson correlation of two fields over the records; None if not evaluated or
+    constant."""
+    pairs = [(getattr(r, predicted), getattr(r, actual)) for r in records]
+    if len(pairs) < 2 or any(p is None or a is None for p, a in pairs):
+        return None
+    x, y = np.asarray(pairs, dtype=float).T
+    if x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 @dataclass
@@ -364,6 +388,10 @@ class EvalResult:
             "miou_curve": self.curve() or None,
             "miou_curve_oracle": self.curve(oracle=True) or None,
             "grabcut_miou_box": _mean([r.iou_grabcut for r in records]),
+            # Calibration: how well the predicted IoU tracks the actual one (the automatic
+            # mask generator filters on it).
+            "score_correlation_point": _correlation(records, "score_point", "iou_point"),
+            "score_correlation_box": _correlation(records, "score_box", "iou_box"),
         }
 
     def record_dicts(self) -> list[dict[str, Any]]:
@@ -414,6 +442,7 @@ def _score_clicks(
             record.oracle_click_ious = oracle.ious
     record.iou_point = top.first_ious[top.first_choice]
     record.iou_point_oracle = max(top.first_ious)
+    record.score_point = top.first_scores[top.first_choice]
 
 
 def evaluate_object(
@@ -433,7 +462,7 @@ def evaluate_object(
     if predictor is not None and ({"point", "clicks"} & set(prompts)):
         _score_clicks(record, predictor, gt, ignore, prompts, max_clicks)
     if predictor is not None and "box" in prompts:
-        record.iou_box = box_iou(predictor, gt, ignore)
+        record.iou_box, record.score_box = box_prediction(predictor, gt, ignore)
     if baseline == "grabcut":
         record.iou_grabcut = iou(grabcut(sample.image, box), gt, ignore)
     return record

@@ -45,14 +45,14 @@ from .masks import stability_score
 from .modeling import Sam
 from .onnx_format import (
     DECODER_FILE,
-    DECODER_INPUTS,
     ENCODER_FILE,
     ENCODER_INPUT,
-    ENCODER_OUTPUT,
     METADATA_FILE,
     DecoderOptions,
     ModelInfo,
+    decoder_inputs,
     decoder_outputs,
+    encoder_outputs,
 )
 
 MIN_OPSET = 18  # the lowest opset PyTorch's exporter emits without a lossy conversion
@@ -69,15 +69,17 @@ class SamOnnxEncoder(nn.Module):
     """Image encoder with SAM's normalisation and padding in the graph.
 
     Input ``image`` (1, 3, h, w) float RGB 0-255, resized so that max(h, w) = img_size;
-    output (1, C, img_size / 16, img_size / 16).
+    output (1, C, img_size / 16, img_size / 16), followed for a decoder with
+    high-resolution features by those, (1, C/8, 4g, 4g) and (1, C/4, 2g, 2g).
     """
 
     def __init__(self, model: Sam) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.image_encoder(self.model.preprocess(image))
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        embedding, high_res = self.model.encode_image(self.model.preprocess(image))
+        return embedding if high_res is None else (embedding, *high_res)
 
 
 def select_single_mask(
@@ -156,13 +158,35 @@ class SamOnnxDecoder(nn.Module):
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        return self.decode(
+            image_embeddings,
+            None,
+            point_coords,
+            point_labels,
+            mask_input,
+            has_mask_input,
+            orig_im_size,
+        )
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The graph of both interfaces (:meth:`forward`'s inputs, with or without the
+        high-resolution features)."""
         options = self.options
         threshold = self.model.mask_threshold
         # The caller has already padded the points, so no padding here.
         sparse = self.model.prompt_encoder._embed_points(point_coords, point_labels, pad=False)
         dense = self._dense_embedding(mask_input, has_mask_input)
         low_res, scores = self.model.mask_decoder.predict_masks(
-            image_embeddings, self.image_pe, sparse, dense
+            image_embeddings, self.image_pe, sparse, dense, high_res_features=high_res_features
         )
         if options.use_stability_score:
             scores = stability_score(low_res, threshold, options.stability_score_offset)
@@ -174,6 +198,38 @@ class SamOnnxDecoder(nn.Module):
         stability = stability_score(masks, threshold, options.stability_score_offset)
         areas = (masks > threshold).sum(dim=(-2, -1))
         return masks, scores, stability, areas, low_res
+
+
+class SamOnnxHighResDecoder(SamOnnxDecoder):
+    """:class:`SamOnnxDecoder` for a mask decoder with high-resolution features: the
+    encoder's two extra outputs come right after ``image_embeddings``."""
+
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        return self.decode(
+            image_embeddings,
+            [high_res_feats_0, high_res_feats_1],
+            point_coords,
+            point_labels,
+            mask_input,
+            has_mask_input,
+            orig_im_size,
+        )
+
+
+def onnx_decoder(model: Sam, options: DecoderOptions | None = None) -> SamOnnxDecoder:
+    """The decoder wrapper that fits ``model`` (with high-resolution features or not)."""
+    wrapper = SamOnnxHighResDecoder if model.mask_decoder.use_high_res_features else SamOnnxDecoder
+    return wrapper(model, options)
 
 
 def _positive_size(size: torch.Tensor, limit: int | None = None) -> tuple[int, int]:
@@ -235,8 +291,19 @@ def sample_decoder_inputs(model: Sam) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     prompt_encoder = model.prompt_encoder
     grid = prompt_encoder.image_embedding_size
+    dim = prompt_encoder.embed_dim
+    high_res: tuple[torch.Tensor, ...] = ()
+    if model.mask_decoder.use_high_res_features:
+        # (1, C/8, 4g, 4g) and (1, C/4, 2g, 2g), as Sam.encode_image gives them.
+        high_res = tuple(
+            torch.randn(
+                (1, dim // 8 * 4 // scale, scale * grid[0], scale * grid[1]), generator=generator
+            )
+            for scale in (4, 2)
+        )
     return (
-        torch.randn((1, prompt_encoder.embed_dim, *grid), generator=generator),
+        torch.randn((1, dim, *grid), generator=generator),
+        *high_res,
         torch.rand((1, 5, 2), generator=generator) * model.image_size,
         torch.tensor([[1.0, 0.0, 2.0, 3.0, -1.0]]),
         torch.randn((1, 1, *prompt_encoder.mask_input_size), generator=generator),
@@ -331,7 +398,7 @@ def export_encoder(model: Sam, path: Path, opset: int = DEFAULT_OPSET) -> None:
         (sample_encoder_input(model.image_size),),
         path,
         (ENCODER_INPUT,),
-        (ENCODER_OUTPUT,),
+        encoder_outputs(model.mask_decoder.use_high_res_features),
         {ENCODER_INPUT: {2: "height", 3: "width"}},
         opset,
     )
@@ -343,10 +410,10 @@ def export_decoder(
     """Write :class:`SamOnnxDecoder` to ``path``; the number of points N is dynamic (>= 0)."""
     options = options or DecoderOptions()
     _export_graph(
-        SamOnnxDecoder(model, options),
+        onnx_decoder(model, options),
         sample_decoder_inputs(model),
         path,
-        DECODER_INPUTS,
+        decoder_inputs(model.mask_decoder.use_high_res_features),
         decoder_outputs(options),
         {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
         opset,
@@ -448,6 +515,7 @@ def _model_info(
         checkpoint=checkpoint,
         image_format=model.image_format,
         mask_threshold=float(model.mask_threshold),
+        high_res_features=model.mask_decoder.use_high_res_features,
         segany_version=__version__,
     )
 
@@ -523,9 +591,9 @@ def _write_graphs(
             (ENCODER_INPUT,),
         ),
         DECODER_FILE: (
-            SamOnnxDecoder(model, options),
+            onnx_decoder(model, options),
             sample_decoder_inputs(model),
-            DECODER_INPUTS,
+            decoder_inputs(model.mask_decoder.use_high_res_features),
         ),
     }
     final = work / "quantized" if quantize_weights else work

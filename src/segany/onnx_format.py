@@ -6,9 +6,13 @@ An export folder holds:
   the image resized so that max(h, w) = ``img_size`` (Pillow bilinear on uint8, see
   :class:`segany.resize.ResizeLongestSide`); h and w are dynamic. Normalisation by
   ``pixel_mean``/``pixel_std`` and zero padding bottom/right to ``img_size`` happen
-  in the graph. Output ``image_embeddings`` (1, C, g, g), g = ``img_size`` / 16.
+  in the graph. Output ``image_embeddings`` (1, C, g, g), g = ``img_size`` / 16; for a
+  model whose decoder takes high-resolution features (``high_res_features`` in
+  ``model.json``: SAM 2's decoders, segany's ``default``) also :data:`HIGH_RES_FEATURES`.
 * ``decoder.onnx``: the official SAM ONNX decoder interface (``SamOnnxModel`` of
-  ``segment-anything``), see :data:`DECODER_INPUTS` and :func:`decoder_outputs`.
+  ``segment-anything``), see :func:`decoder_inputs` and :func:`decoder_outputs`; with
+  high-resolution features, those come right after ``image_embeddings`` (the layout of
+  the community SAM 2 exports).
 * ``model.json``: :class:`ModelInfo`, what a runtime needs besides the graphs.
 
 Graphs bigger than 2 GB (ViT-H/L encoders in float32) keep their weights in
@@ -32,6 +36,8 @@ METADATA_FILE = "model.json"
 
 ENCODER_INPUT = "image"
 ENCODER_OUTPUT = "image_embeddings"
+# The projected 1/4 and 1/8 features, (1, C/8, 4g, 4g) and (1, C/4, 2g, 2g).
+HIGH_RES_FEATURES = ("high_res_feats_0", "high_res_feats_1")
 # Names, order and meaning as the official export (scripts/export_onnx_model.py).
 DECODER_INPUTS = (
     "image_embeddings",  # (1, C, g, g) from encoder.onnx
@@ -44,6 +50,19 @@ DECODER_INPUTS = (
 # Official point labels of the ONNX interface.
 PADDING_LABEL = -1.0
 BOX_CORNER_LABELS = (2.0, 3.0)
+
+
+def encoder_outputs(high_res_features: bool) -> tuple[str, ...]:
+    """Output names of encoder.onnx, in order."""
+    return (ENCODER_OUTPUT, *HIGH_RES_FEATURES) if high_res_features else (ENCODER_OUTPUT,)
+
+
+def decoder_inputs(high_res_features: bool) -> tuple[str, ...]:
+    """Input names of decoder.onnx, in order: :data:`DECODER_INPUTS`, with the
+    high-resolution features after the embedding for a model that takes them."""
+    if not high_res_features:
+        return DECODER_INPUTS
+    return (DECODER_INPUTS[0], *HIGH_RES_FEATURES, *DECODER_INPUTS[1:])
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,7 @@ class ModelInfo:
     checkpoint: str | None = None
     image_format: str = "RGB"
     mask_threshold: float = 0.0
+    high_res_features: bool = False  # encoder and decoder carry HIGH_RES_FEATURES
     segany_version: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION

@@ -22,6 +22,7 @@ from .onnx_format import (
     DECODER_FILE,
     ENCODER_FILE,
     ENCODER_INPUT,
+    HIGH_RES_FEATURES,
     PADDING_LABEL,
     ModelInfo,
 )
@@ -85,6 +86,8 @@ class OnnxSamPredictor:
         """Forget the current image and its embedding."""
         self.is_image_set = False
         self.features: np.ndarray | None = None
+        # The encoder's high-resolution outputs, for a model whose decoder takes them.
+        self.high_res_features: list[np.ndarray] | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
 
@@ -95,13 +98,21 @@ class OnnxSamPredictor:
         image = check_image(image, image_format, self.info.image_format)
         resized = self.transform.apply_image(image)
         pixels = resized.transpose(2, 0, 1)[None].astype(np.float32)  # (1, 3, h, w), 0-255
-        (features,) = self.encoder.run(None, {ENCODER_INPUT: pixels})
-        self._store(features, (image.shape[0], image.shape[1]), resized.shape[:2])
+        features, *high_res = self.encoder.run(None, {ENCODER_INPUT: pixels})
+        size = (image.shape[0], image.shape[1])
+        self._store(features, size, resized.shape[:2], high_res or None)
 
-    def set_image_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
+    def set_image_embedding(
+        self,
+        embedding: np.ndarray,
+        original_size: tuple[int, int],
+        high_res_features: list[np.ndarray] | None = None,
+    ) -> None:
         """Reuse an embedding from :meth:`get_image_embedding` (or the PyTorch predictor's).
 
-        ``original_size`` is the (H, W) of the image it was computed from.
+        ``original_size`` is the (H, W) of the image it was computed from. A model whose
+        decoder takes high-resolution features also needs those (``high_res_features``
+        of the predictor that made the embedding).
         """
         features = np.asarray(embedding, dtype=np.float32)
         if features.ndim == 3:
@@ -114,13 +125,28 @@ class OnnxSamPredictor:
         height, width = (int(v) for v in original_size)
         if height <= 0 or width <= 0:
             raise SeganyError(f"original_size must be positive (H, W), got {original_size}")
+        if self.info.high_res_features != (high_res_features is not None):
+            raise SeganyError(
+                "this model's decoder needs the image's high_res_features too"
+                if self.info.high_res_features
+                else "this model's decoder takes no high_res_features"
+            )
+        high_res = None
+        if high_res_features is not None:
+            high_res = [np.asarray(f, dtype=np.float32) for f in high_res_features]
+            high_res = [f[None] if f.ndim == 3 else f for f in high_res]
         size = self.transform.get_preprocess_shape(height, width, self.info.img_size)
-        self._store(features, (height, width), size)
+        self._store(features, (height, width), size, high_res)
 
     def _store(
-        self, features: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]
+        self,
+        features: np.ndarray,
+        original_size: tuple[int, int],
+        input_size: tuple[int, int],
+        high_res: list[np.ndarray] | None = None,
     ) -> None:
         self.features = features
+        self.high_res_features = high_res
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.is_image_set = True
@@ -214,6 +240,7 @@ class OnnxSamPredictor:
         low_res_size = self.info.mask_input_size
         feeds = {
             "image_embeddings": self.features,
+            **dict(zip(HIGH_RES_FEATURES, self.high_res_features or [], strict=False)),
             "point_coords": point_coords,
             "point_labels": point_labels,
             "mask_input": np.zeros((1, 1, *low_res_size), dtype=np.float32)

@@ -33,6 +33,7 @@ Outputs (masks, scores, logits, embeddings returned to the user) are always floa
 
 from __future__ import annotations
 
+import platform
 import warnings
 import weakref
 from collections.abc import Callable
@@ -53,6 +54,21 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def cpu_name() -> str:
+    """The processor's model name and whether it computes bfloat16 natively, for reports
+    beside timings (e.g. "AMD EPYC, native bf16")."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                name,
+            )
+    except OSError:
+        pass
+    return f"{name}, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
 
 
 def default_precision(device: torch.device, model: nn.Module | None = None) -> str:
@@ -130,19 +146,24 @@ class Precision:
             dtype = self.decoder_dtype
             mask_decoder = _cast_copy(mask_decoder, dtype)
             inputs = tuple(_cast(x, dtype) for x in inputs)
+            if options.get("high_res_features") is not None:
+                options["high_res_features"] = [
+                    _cast(x, dtype) for x in options["high_res_features"]
+                ]
         masks, iou_pred = mask_decoder(*inputs, multimask_output=multimask_output, **options)
         return masks.float(), iou_pred.float()
 
-    def encode(
-        self, encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
-    ) -> torch.Tensor:
-        """Run ``encoder`` on (B, 3, S, S) ``images``; returns a float32 embedding.
+    def encode(self, encoder: Callable[[torch.Tensor], Any], images: torch.Tensor) -> Any:
+        """Run ``encoder`` on (B, 3, S, S) ``images``; returns its float32 embedding, or
+        (embedding, [high-resolution features]) in float32 for an encoder that gives both.
 
         Under ``fp16`` a non-finite result (overflow) is recomputed in the fallback dtype.
         """
         with self._autocast(self.encoder_dtype):
             features = encoder(images)
-        if self.encoder_dtype == torch.float16 and not torch.isfinite(features).all():
+        if self.encoder_dtype == torch.float16 and not all(
+            torch.isfinite(t).all() for t in _tensors_of(features)
+        ):
             fallback = torch.bfloat16 if _bf16_supported(self.device_type) else None
             warnings.warn(
                 "the image embedding overflowed float16; recomputing it in "
@@ -151,7 +172,17 @@ class Precision:
             )
             with self._autocast(fallback):
                 features = encoder(images)
-        return features.float()
+        if isinstance(features, torch.Tensor):
+            return features.float()
+        embedding, high_res = features
+        return embedding.float(), [f.float() for f in high_res]
+
+
+def _tensors_of(features: Any) -> list[torch.Tensor]:
+    """The tensors of an embedding or an (embedding, [high-resolution features]) pair."""
+    if isinstance(features, torch.Tensor):
+        return [features]
+    return [features[0], *features[1]]
 
 
 # Lower-precision copies of decoders, dropped with the decoder they copy.

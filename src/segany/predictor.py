@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .compilation import compiled
 from .errors import SeganyError
@@ -51,7 +52,8 @@ class SamPredictor:
     def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool = False) -> None:
         self.model = sam_model
         self.precision = resolve_precision(precision, sam_model.device, sam_model)
-        self._encoder = compiled(sam_model.image_encoder) if compile else sam_model.image_encoder
+        encoder = _ImageFeatures(sam_model) if uses_high_res(sam_model) else sam_model.image_encoder
+        self._encoder = compiled(encoder) if compile else encoder
         self.transform = ResizeLongestSide(sam_model.image_size)
         # (the prompt encoder's encoding, its version, the decoder-ready copy)
         self._image_pe_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
@@ -76,6 +78,20 @@ class SamPredictor:
         )
 
     @property
+    def high_res_features(self) -> list[torch.Tensor] | None:
+        """For a decoder with high-resolution features (see :func:`uses_high_res`), the
+        image(s)' projected 1/4 and 1/8 features ((N, C/8, S/4, S/4), (N, C/4, S/8, S/8)),
+        else None."""
+        return self._high_res
+
+    @high_res_features.setter
+    def high_res_features(self, features: list[torch.Tensor] | None) -> None:
+        self._high_res = features
+        self._decoder_high_res = (
+            None if features is None else [self.precision.decoder_input(f) for f in features]
+        )
+
+    @property
     def _low_res_size(self) -> tuple[int, int]:
         h, w = self.model.prompt_encoder.mask_input_size
         return int(h), int(w)
@@ -84,6 +100,7 @@ class SamPredictor:
         """Forget the current image(s) and their embedding."""
         self.is_image_set = False
         self.features = None
+        self.high_res_features = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self._original_sizes: list[tuple[int, int]] = []
@@ -132,18 +149,28 @@ class SamPredictor:
                     [self.model.preprocess(x) for x in prepared[start : start + batch_size]]
                 )
                 chunks.append(self.precision.encode(self._encoder, batch))
+        if isinstance(chunks[0], torch.Tensor):
+            features = torch.cat(chunks)
+        else:  # (embedding, high-resolution features) per chunk
+            embeddings, high_res = zip(*chunks, strict=True)
+            features = (torch.cat(embeddings), [torch.cat(f) for f in zip(*high_res)])
         self._store(
-            torch.cat(chunks),
+            features,
             [tuple(image.shape[:2]) for image in images],
             [tuple(x.shape[-2:]) for x in prepared],
         )
 
     def set_image_embedding(
-        self, embedding: torch.Tensor | np.ndarray, original_size: tuple[int, int]
+        self,
+        embedding: torch.Tensor | np.ndarray,
+        original_size: tuple[int, int],
+        high_res_features: Sequence[torch.Tensor | np.ndarray] | None = None,
     ) -> None:
         """Reuse an embedding from :meth:`get_image_embedding`.
 
-        ``original_size`` is the (H, W) of the image it was computed from.
+        ``original_size`` is the (H, W) of the image it was computed from. A model whose
+        decoder takes high-resolution features also needs those
+        (:attr:`high_res_features` of the predictor that made the embedding).
         """
         features = torch.as_tensor(embedding)
         if features.ndim == 3:
@@ -157,17 +184,53 @@ class SamPredictor:
         height, width = (int(v) for v in original_size)
         if height <= 0 or width <= 0:
             raise SeganyError(f"original_size must be positive (H, W), got {original_size}")
+        high_res = self._checked_high_res(high_res_features)
         self.reset_image()
         input_size = self.transform.get_preprocess_shape(height, width, self.model.image_size)
-        self._store(features.to(self.device), [(height, width)], [input_size])
+        stored = (
+            features.to(self.device) if high_res is None else (features.to(self.device), high_res)
+        )
+        self._store(stored, [(height, width)], [input_size])
+
+    def _checked_high_res(
+        self, features: Sequence[torch.Tensor | np.ndarray] | None
+    ) -> list[torch.Tensor] | None:
+        """High-resolution features given with an embedding, checked against the model."""
+        if not uses_high_res(self.model):
+            if features is not None:
+                raise SeganyError("this model's decoder takes no high-resolution features")
+            return None
+        if features is None:
+            raise SeganyError(
+                "this model's decoder also needs the image's high-resolution features: "
+                "pass high_res_features (the embedding predictor's high_res_features)"
+            )
+        grid = self.model.prompt_encoder.image_embedding_size
+        dim = self.model.prompt_encoder.embed_dim
+        expected = [
+            (1, dim // 8, 4 * grid[0], 4 * grid[1]),
+            (1, dim // 4, 2 * grid[0], 2 * grid[1]),
+        ]
+        tensors = [torch.as_tensor(f) for f in features]
+        tensors = [t[None] if t.ndim == 3 else t for t in tensors]
+        shapes = [tuple(t.shape) for t in tensors]
+        if shapes != expected:
+            raise SeganyError(
+                f"high_res_features have shapes {shapes} but this model expects {expected}"
+            )
+        return [t.float().to(self.device) for t in tensors]
 
     def _store(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]],
         original_sizes: list[tuple[int, ...]],
         input_sizes: list[tuple[int, ...]],
     ) -> None:
-        self.features = features
+        """Keep an embedding (or an (embedding, high-resolution features) pair)."""
+        if isinstance(features, torch.Tensor):
+            self.features = features
+        else:
+            self.features, self.high_res_features = features
         self._original_sizes = [(int(h), int(w)) for h, w in original_sizes]
         self._input_sizes = [(int(h), int(w)) for h, w in input_sizes]
         self.original_size = self._original_sizes[0]
@@ -199,6 +262,18 @@ class SamPredictor:
         self._require_image()
         assert self._decoder_features is not None
         return self._decoder_features[image_index : image_index + 1]
+
+    def decoder_image_inputs(self, image_index: int = 0) -> dict[str, torch.Tensor | list]:
+        """The mask decoder's keywords for image ``image_index``: ``image_embeddings`` (see
+        :meth:`decoder_features`) and, for a decoder with high-resolution features,
+        ``high_res_features``."""
+        inputs: dict[str, torch.Tensor | list] = {
+            "image_embeddings": self.decoder_features(image_index)
+        }
+        if self._decoder_high_res is not None:
+            i = image_index
+            inputs["high_res_features"] = [f[i : i + 1] for f in self._decoder_high_res]
+        return inputs
 
     def decoder_image_pe(self) -> torch.Tensor:
         """The (1, C, h, w) grid positional encoding as the mask decoder takes it, kept while
@@ -403,7 +478,7 @@ class SamPredictor:
                 )
                 low_res, scores = self.precision.decode(
                     self.model.mask_decoder,
-                    image_embeddings=self.decoder_features(image_index),
+                    **self.decoder_image_inputs(image_index),
                     image_pe=self.decoder_image_pe(),
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
@@ -460,6 +535,26 @@ class SamPredictor:
             self._to_model_frame(coords, size),
             torch.as_tensor(labels, dtype=torch.int, device=self.device),
         )
+
+
+def uses_high_res(model: Sam) -> bool:
+    """Whether ``model``'s mask decoder also takes the image's high-resolution features
+    (SAM 2's, segany's ``default``); an official-API decoder does not."""
+    return bool(getattr(model.mask_decoder, "use_high_res_features", False))
+
+
+class _ImageFeatures(nn.Module):
+    """The encoder call of a model whose decoder takes high-resolution features:
+    (B, 3, S, S) -> (embedding, [projected 1/4 and 1/8 features])."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        embedding, high_res = self.model.encode_image(images)
+        assert high_res is not None
+        return embedding, high_res
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

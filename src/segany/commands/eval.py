@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..atomic import check_writable
 from ..data import FORMATS, load_dataset
 from ..data.datasets import split_stems
 from ..errors import SeganyError
@@ -88,7 +89,7 @@ def _check_plot(args: argparse.Namespace, prompts: list[str]) -> Path | None:
         raise SeganyError(f"--plot must be a .png file, got {args.plot!r}")
     if "clicks" not in prompts:
         raise SeganyError("--plot draws mIoU against clicks; add --prompt clicks")
-    return path
+    return check_writable(path, "--plot")
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -111,6 +112,13 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"box mIoU       {_number(summary['miou_box'])}")
     if summary["grabcut_miou_box"] is not None:
         lines.append(f"GrabCut mIoU   {_number(summary['grabcut_miou_box'])}")
+    calibration = [
+        f"{prompt} {_number(summary[f'score_correlation_{prompt}'], 2)}"
+        for prompt in ("point", "box")
+        if summary.get(f"score_correlation_{prompt}") is not None
+    ]
+    if calibration:  # how well the predicted IoU (what the mask generator filters on) tracks IoU
+        lines.append("score/IoU corr " + "   ".join(calibration))
     if summary["miou_clicks"] is not None:
         lines.append("clicks         " + "".join(f"{k:>7}" for k in CLICK_COUNTS))
         for label, key in (("top mIoU", "miou_clicks"), ("oracle mIoU", "miou_clicks_oracle")):

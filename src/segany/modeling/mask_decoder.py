@@ -50,6 +50,11 @@ class MaskDecoder(nn.Module):
     two-way transformer with the prompt tokens; each mask token becomes, through
     its own hypernetwork MLP, the weights of a dot product with the upscaled
     image features. Token 0 is the single-mask output, tokens 1.. the multimask ones.
+
+    With ``high_res_in_chans`` = (c4, c8), as in SAM 2, the image encoder's features at
+    1/4 and 1/8 of the input, projected by ``conv_s0`` and ``conv_s1`` (see
+    :meth:`project_high_res`), are added into the two upscaling steps, so mask edges can
+    follow detail finer than the 1/16 embedding.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        high_res_in_chans: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -83,8 +89,18 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.use_high_res_features = high_res_in_chans is not None
+        if high_res_in_chans is not None:
+            self.conv_s0 = nn.Conv2d(high_res_in_chans[0], transformer_dim // 8, 1)
+            self.conv_s1 = nn.Conv2d(high_res_in_chans[1], transformer_dim // 4, 1)
         self._hypernetwork_cache: tuple[tuple[object, ...], list] | None = None
         self._image_cache: _ImageCache | None = None
+
+    def project_high_res(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The encoder's (B, c4, 4h, 4w) and (B, c8, 2h, 2w) features -> what
+        ``high_res_features`` takes: (B, C / 8, 4h, 4w) and (B, C / 4, 2h, 2w). Once per
+        image (SAM 2 does this when the image is set)."""
+        return [self.conv_s0(features[0]), self.conv_s1(features[1])]
 
     def forward(
         self,
@@ -95,6 +111,7 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
         min_iou: float | None = None,
         keep_image: bool = False,
+        high_res_features: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -111,6 +128,8 @@ class MaskDecoder(nn.Module):
             keep_image: keep the image side prepared for this call (the first layer's
                 projections of it) for the next call against the same image, for callers
                 that decode one image many times (the predictor, the generator).
+            high_res_features: for a decoder with ``use_high_res_features``, the projected
+                features of :meth:`project_high_res`, batch 1 (shared) or B.
 
         Returns:
             Mask logits (B, 3 or 1, 4h, 4w) and predicted IoU (B, 3 or 1).
@@ -124,6 +143,7 @@ class MaskDecoder(nn.Module):
             mask_tokens=selected,
             min_iou=min_iou,
             keep_image=keep_image,
+            high_res_features=high_res_features,
         )
         return masks, iou_pred[:, selected]
 
@@ -136,10 +156,17 @@ class MaskDecoder(nn.Module):
         mask_tokens: slice = slice(None),
         min_iou: float | None = None,
         keep_image: bool = False,
+        high_res_features: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks (B, M, 4h, 4w) of the ``mask_tokens`` (default: all ``num_mask_tokens``;
-        only those are computed; ``min_iou`` and ``keep_image`` as in :meth:`forward`)
-        and IoU predictions (B, num_mask_tokens) of all."""
+        only those are computed; ``min_iou``, ``keep_image`` and ``high_res_features`` as
+        in :meth:`forward`) and IoU predictions (B, num_mask_tokens) of all."""
+        if self.use_high_res_features != (high_res_features is not None):
+            raise ValueError(
+                "this decoder needs high_res_features (see project_high_res)"
+                if self.use_high_res_features
+                else "this decoder takes no high_res_features"
+            )
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
@@ -166,7 +193,8 @@ class MaskDecoder(nn.Module):
                 chunk_src = src[start : start + PROMPT_CHUNK]
                 image = self.transformer.prepare_image(chunk_src, image_pe, project=False)
             chunk = tokens[start : start + PROMPT_CHUNK]
-            parts.append(self._predict_chunk(image, chunk, size, mask_tokens, min_iou))
+            high_res = _chunk_of(high_res_features, start, PROMPT_CHUNK)
+            parts.append(self._predict_chunk(image, chunk, size, mask_tokens, min_iou, high_res))
         masks, iou_pred = zip(*parts, strict=True)
         return torch.cat(masks), torch.cat(iou_pred)
 
@@ -227,6 +255,7 @@ class MaskDecoder(nn.Module):
         size: tuple[int, int],
         mask_tokens: slice,
         min_iou: float | None,
+        high_res: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict_masks` for an image side of batch 1 or B and (B, N, C) tokens, on
         an (h, w) = ``size`` grid."""
@@ -238,7 +267,7 @@ class MaskDecoder(nn.Module):
         wanted = None
         if min_iou is not None:
             wanted = (iou_pred[:, mask_tokens].float() > min_iou).any(dim=1).tolist()
-        return self._masks(src, hyper_in, size, wanted), iou_pred
+        return self._masks(src, hyper_in, size, wanted, high_res), iou_pred
 
     def _hypernetworks(self, tokens: torch.Tensor, selected: range) -> torch.Tensor:
         """The ``selected`` hypernetwork MLPs on their mask tokens (B, M, C) -> (B, M, C / 8),
@@ -281,10 +310,12 @@ class MaskDecoder(nn.Module):
         hyper_in: torch.Tensor,
         size: tuple[int, int],
         wanted: list[bool] | None = None,
+        high_res: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Mask logits (B, T, 4h, 4w) from transformer output (B, h * w, C) and the
         hypernetwork weights (B, T, C / 8), one prompt set at a time; the sets not
-        ``wanted`` (default: all are) get -inf.
+        ``wanted`` (default: all are) get -inf. ``high_res``: projected high-resolution
+        features (batch 1 or B), added after each transposed convolution as in SAM 2.
 
         The output upscaling runs as matrix products: a 2x2 stride-2 transposed convolution
         maps each input pixel to a 2x2 block on its own, so it is a linear layer. Taken one
@@ -304,18 +335,45 @@ class MaskDecoder(nn.Module):
                 shape = (weights.shape[0], 4 * height, 4 * width)
                 masks.append(features.new_full(shape, float("-inf")))
                 continue
+            fine, medium = (None, None) if high_res is None else _image_of(high_res, index)
             rows = []
-            for w1, b1 in first_rows:
+            for i, (w1, b1) in enumerate(first_rows):
                 x = F.linear(features, w1, b1).view(-1, w1.shape[0] // 2)  # pixels (y, x, j)
+                if medium is not None:  # rows 2y + i of the 1/2-upscaled grid
+                    x = x + _rows_as_pixels(medium, i, 2)
                 x = _activate(
                     act1, F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
                 )
-                for w2, b2 in second_rows:
-                    upscaled = _activate(act2, F.linear(x, w2, b2)).view(-1, w2.shape[0] // 2)
+                for i2, (w2, b2) in enumerate(second_rows):
+                    upscaled = F.linear(x, w2, b2).view(-1, w2.shape[0] // 2)
+                    if fine is not None:  # rows 4y + 2i + i2 of the full-size grid
+                        upscaled = upscaled + _rows_as_pixels(fine, 2 * i + i2, 4)
+                    upscaled = _activate(act2, upscaled)
                     rows.append(F.linear(weights, upscaled).view(-1, height, 4 * width))
             # rows[2i + i2] holds mask rows 4y + 2i + i2.
             masks.append(torch.stack(rows, dim=2).view(-1, 4 * height, 4 * width))
         return torch.stack(masks)
+
+
+def _chunk_of(
+    features: list[torch.Tensor] | None, start: int, count: int
+) -> list[torch.Tensor] | None:
+    """Prompt sets ``start`` to ``start + count`` of per-set features (shared ones whole)."""
+    if features is None:
+        return None
+    return [f if f.shape[0] == 1 else f[start : start + count] for f in features]
+
+
+def _image_of(features: list[torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fine, medium) high-resolution features (C, H, W) of prompt set ``index``."""
+    fine, medium = (f[0] if f.shape[0] == 1 else f[index] for f in features)
+    return fine, medium
+
+
+def _rows_as_pixels(features: torch.Tensor, phase: int, every: int) -> torch.Tensor:
+    """Rows ``phase``, ``phase + every``, ... of (C, H, W) features as (pixels, C) in raster
+    order: the pixel layout of one kernel-row pass of the upscaling."""
+    return features[:, phase::every].permute(1, 2, 0).reshape(-1, features.shape[0])
 
 
 def _activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:

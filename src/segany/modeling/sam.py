@@ -18,7 +18,12 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class Sam(nn.Module):
-    """SAM. ``image_encoder`` maps (B, 3, S, S) to (B, 256, S/16, S/16) and has ``img_size``."""
+    """SAM. ``image_encoder`` maps (B, 3, S, S) to (B, 256, S/16, S/16) and has ``img_size``.
+
+    When the mask decoder uses high-resolution features (``use_high_res_features``, as SAM
+    2's does), the encoder also has ``forward_features`` returning its 1/4 and 1/8
+    features; :meth:`encode_image` gives both, and every caller of the decoder passes them.
+    """
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
@@ -47,6 +52,15 @@ class Sam(nn.Module):
         """Side of the square model input in pixels."""
         return int(self.image_encoder.img_size)
 
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Preprocessed (B, 3, S, S) images -> (B, C, S/16, S/16) embeddings and, for a
+        decoder with high-resolution features, those features projected for it
+        ((B, C/8, S/4, S/4), (B, C/4, S/8, S/8)), else None."""
+        if not self.mask_decoder.use_high_res_features:
+            return self.image_encoder(images), None
+        embeddings, features = self.image_encoder.forward_features(images)
+        return embeddings, self.mask_decoder.project_high_res(features)
+
     @torch.no_grad()
     def forward(
         self, batched_input: list[dict[str, Any]], multimask_output: bool
@@ -61,9 +75,9 @@ class Sam(nn.Module):
         ``low_res_logits`` (B, C, 256, 256).
         """
         images = torch.stack([self.preprocess(r["image"]) for r in batched_input], dim=0)
-        embeddings = self.image_encoder(images)
+        embeddings, high_res = self.encode_image(images)
         outputs = []
-        for record, embedding in zip(batched_input, embeddings):
+        for index, (record, embedding) in enumerate(zip(batched_input, embeddings)):
             points = None
             if "point_coords" in record:
                 points = (record["point_coords"], record["point_labels"])
@@ -76,6 +90,9 @@ class Sam(nn.Module):
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
+                high_res_features=None
+                if high_res is None
+                else [f[index : index + 1] for f in high_res],
             )
             masks = self.postprocess_masks(
                 low_res,

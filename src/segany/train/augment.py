@@ -57,6 +57,42 @@ def _color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) 
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def copy_paste(
+    item: TrainItem,
+    donor: TrainItem,
+    masks_per_image: int,
+    min_mask_area: int,
+    rng: np.random.Generator,
+) -> TrainItem:
+    """Paste 1 to 3 of ``donor``'s objects (their pixels and masks) onto ``item``.
+
+    Both are in the model's frame (top-left aligned), so an object keeps its place; pixels
+    beyond ``item``'s image are dropped. ``item``'s objects lose what the pasted ones cover
+    and are dropped below ``min_mask_area``; at most ``masks_per_image`` masks are kept,
+    the pasted ones first.
+    """
+    height, width = item.image.shape[-2:]
+    chosen = rng.permutation(len(donor.masks))[: int(rng.integers(1, 4))]
+    pasted = donor.masks[chosen].clone()
+    pasted[:, height:] = False
+    pasted[:, :, width:] = False
+    pasted[:, donor.image.shape[-2] :] = False
+    pasted[:, :, donor.image.shape[-1] :] = False
+    pasted = pasted[pasted.flatten(1).sum(dim=1) >= min_mask_area]
+    if len(pasted) == 0:
+        return item
+    cover = pasted.any(dim=0)
+    visible = cover[:height, :width]
+    image = item.image.clone()
+    donor_h, donor_w = min(height, donor.image.shape[-2]), min(width, donor.image.shape[-1])
+    region = visible[:donor_h, :donor_w]
+    image[:, :donor_h, :donor_w][:, region] = donor.image[:, :donor_h, :donor_w][:, region]
+    kept = item.masks & ~cover
+    kept = kept[kept.flatten(1).sum(dim=1) >= min_mask_area]
+    masks = torch.cat([pasted, kept])[:masks_per_image]
+    return TrainItem(image=image, masks=masks, image_id=f"{item.image_id}+{donor.image_id}")
+
+
 def prepare_item(
     image: np.ndarray,
     masks: np.ndarray,

@@ -6,6 +6,7 @@ do not silently train something else. Paths are relative to the YAML file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 from ..errors import SeganyError
 
 FREEZE_CHOICES = ("none", "encoder", "partial")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the CPU/GPU computes it natively
 SYNTHETIC_KINDS = ("shapes",)
 
 
@@ -44,6 +45,10 @@ class ModelSection:
     # from the segany[train] extra) or a classifier .pth; as SAM's ViT starts from MAE.
     encoder_init: str | None = None
     decoder_checkpoint: Path | None = None  # prompt encoder + mask decoder from this file
+    # Training in chunks: when this safetensors file exists and records training progress
+    # (written by an earlier chunk of the same run), start from its weights at its step
+    # instead of the initialisation above (optimizer state starts afresh, re-warmed).
+    continue_from: Path | None = None
     freeze: str = "none"  # none | encoder | partial
     trainable_blocks: int = 0  # with freeze=partial: how many last encoder blocks train
     drop_path: float = 0.0
@@ -55,6 +60,9 @@ class AugmentSection:
     hflip: bool = True
     vflip: bool = False
     color: float = 0.2  # strength of brightness/contrast/saturation jitter, 0 = off
+    # Chance that objects of another training image are pasted onto an item (simple
+    # copy-paste, Ghiasi et al. 2021): more objects, occlusions and backgrounds per image.
+    copy_paste: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,17 +145,28 @@ def _coerce(value: Any, annotation: str, where: str, base: Path) -> Any:
     if value is None:
         return None
     if "Path" in annotation:
+        if not isinstance(value, str) or not value:
+            raise SeganyError(f"{where} must be a path in the config, got {value!r}")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path)
     if annotation.startswith("tuple"):
         if not isinstance(value, (list, tuple)):
             raise SeganyError(f"{where} must be a list in the config")
-        return tuple(value)
+        items = annotation.removeprefix("tuple[").removesuffix("]").split(", ")
+        if "..." in items:  # tuple[int, ...]: any length, one type
+            return tuple(_coerce(v, items[0], where, base) for v in value)
+        if len(value) != len(items):
+            raise SeganyError(f"{where} must be a list of {len(items)} in the config")
+        return tuple(_coerce(v, t, where, base) for v, t in zip(value, items, strict=True))
+    if annotation in ("str", "str | None") and not isinstance(value, str):
+        raise SeganyError(f"{where} must be text in the config, got {value!r}")
     if annotation in ("int", "float"):
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise SeganyError(f"{where} must be a number in the config, got {value!r}") from None
+        if not math.isfinite(number):
+            raise SeganyError(f"{where} must be a finite number in the config, got {value!r}")
         if annotation == "int" and number != int(number):
             raise SeganyError(f"{where} must be a whole number in the config, got {value!r}")
         return int(number) if annotation == "int" else number
@@ -168,7 +187,8 @@ def _model_section(raw: Any, base: Path) -> ModelSection:
     section = _build(ModelSection, raw, "model", base)
     init = section.encoder_init
     if init is not None and init != "imagenet":  # a classifier file, relative to the YAML
-        section = replace(section, encoder_init=str(_coerce(init, "Path", "", base)))
+        path = _coerce(init, "Path", "model.encoder_init", base)
+        section = replace(section, encoder_init=str(path))
     return section
 
 
@@ -177,7 +197,10 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> TrainConfi
     if not isinstance(raw, dict):
         raise SeganyError("the config must be a YAML mapping with model, data, optim and output")
     raw = dict(raw)
-    data_raw = dict(raw.pop("data", None) or {})
+    data_raw = raw.pop("data", None) or {}
+    if not isinstance(data_raw, dict):
+        raise SeganyError("data must be a mapping in the config, with a train list")
+    data_raw = dict(data_raw)
     if "train" not in data_raw:
         raise SeganyError("data.train is required: a list of {root: DIR, split: train} entries")
     data = _build(
@@ -229,6 +252,8 @@ def _check(config: TrainConfig) -> None:
             raise SeganyError(f"optim.{key} must be positive")
     if config.data.masks_per_image < 1:
         raise SeganyError("data.masks_per_image must be at least 1")
+    if not 0.0 <= config.data.augment.copy_paste <= 1.0:
+        raise SeganyError("data.augment.copy_paste must be a probability between 0 and 1")
     low, high = config.data.augment.scale_jitter
     if not 0 < low <= high:
         raise SeganyError("data.augment.scale_jitter must be [low, high] with 0 < low <= high")
@@ -253,7 +278,24 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise SeganyError(f"config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SeganyError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
-    return parse_config(raw, path.parent.resolve(), path)
+        # Bytes, not text: YAML then reads UTF-8 and (with a BOM) UTF-16/32, and anything
+        # else (a binary file, another encoding) is a YAMLError naming the bad byte.
+        raw = yaml.safe_load(path.read_bytes())
+    except OSError as error:
+        raise SeganyError(f"cannot read config {path}: {error.strerror or error}") from None
+    except (yaml.YAMLError, RecursionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SeganyError(
+            f"cannot parse {path}: {reason}; the config must be a YAML text file (UTF-8)"
+        ) from None
+    try:
+        return parse_config(raw, path.parent.resolve(), path)
+    except SeganyError as error:
+        raise SeganyError(f"invalid config {path}: {error}") from None
+    except (TypeError, ValueError, OverflowError) as error:
+        # parse_config names most problems itself; a value of a wholly wrong type (a number
+        # where a mapping or path belongs, NaN for a count) can still end up here.
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise SeganyError(
+            f"invalid config {path}: {reason}; compare its values with configs/example.yaml"
+        ) from None

