@@ -14,6 +14,7 @@ Three levels:
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -24,6 +25,7 @@ from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
 from segment_anything.modeling import Sam as OfficialSam
 from torch import nn
 
+from segany.amg_options import AmgOptions
 from segany.automatic_mask_generator import SamAutomaticMaskGenerator, upscale_logits
 from segany.build import SamConfig, ViTEncoderConfig, build_sam_from_config
 from segany.errors import SeganyError
@@ -325,6 +327,21 @@ def test_prompts_failing_the_iou_filter_skip_upscaling(monkeypatch: pytest.Monke
 # -------------------------------------------------------------------------------------
 # Options and input validation
 # -------------------------------------------------------------------------------------
+
+
+def test_options_are_the_official_signature() -> None:
+    """One source: AmgOptions holds the official generator's options with its defaults, in
+    its order; segany's generator keeps that signature and adds precision and compile."""
+    official = inspect.signature(OfficialGenerator).parameters
+    ours = inspect.signature(SamAutomaticMaskGenerator).parameters
+    assert list(ours) == [*official, "precision", "compile"]
+    specs = AmgOptions.specs()
+    assert [spec.name for spec in specs] == list(official)[1:]  # less the model
+    for spec in specs:
+        assert spec.default == official[spec.name].default == ours[spec.name].default, spec.name
+    generator = SamAutomaticMaskGenerator(stub_models()[0], points_per_side=4, crop_n_layers=1)
+    assert generator.options == AmgOptions(points_per_side=4, crop_n_layers=1)
+    assert [len(grid) for grid in generator.point_grids] == [16, 16]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from test_train import TINY_HYBRID as TINY
 
+from segany.amg_options import AmgOptions
 from segany.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany.build import build_sam_from_config, config_from_dict, load_model, save_model
 from segany.checkpoint import read_state_dict
@@ -106,7 +107,7 @@ def ray_local():
 
 
 def _spec(checkpoint: Path) -> ModelSpec:
-    return ModelSpec(None, str(checkpoint), "cpu", {**GENERATOR, "precision": "fp32"})
+    return ModelSpec(None, str(checkpoint), "cpu", AmgOptions(**GENERATOR), precision="fp32")
 
 
 @dataclass

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from segany.errors import SeganyError
+from segany.amg_options import AmgOptions
+from segany.inputs import check_image
 from segany.masks import (
     UncompressedRLE,
     batched_nms,
     box_area,
     box_xyxy_to_xywh,
     boxes_near_crop_edge,
-    build_layer_point_grids,
     generate_crop_boxes,
     masks_to_boxes,
     masks_to_rle,
@@ -38,8 +38,6 @@ from segany.modeling import Sam
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.sam import upscale_logits
 from segany.predictor import SamPredictor
-
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 # Masks upscaled to full resolution at a time: bounds memory (each is ~4 MB at 1024²).
 UPSCALE_CHUNK = 16
@@ -90,119 +88,6 @@ class MaskCandidates:
         )
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SeganyError(message)
-
-
-def _check_fraction(name: str, value: float) -> None:
-    _require(
-        isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
-        f"{name} must be a number between 0 and 1, got {value!r}",
-    )
-
-
-def _check_count(name: str, value: int, minimum: int) -> None:
-    _require(
-        isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum,
-        f"{name} must be an integer >= {minimum}, got {value!r}",
-    )
-
-
-def _checked_point_grids(grids: Sequence[np.ndarray], n_layers: int) -> list[np.ndarray]:
-    """User grids as float64 (N, 2) arrays in [0, 1], one per crop layer at least."""
-    _require(
-        len(grids) >= n_layers + 1,
-        f"point_grids has {len(grids)} grid(s) but crop_n_layers={n_layers} needs "
-        f"{n_layers + 1}, one per layer",
-    )
-    checked = []
-    for i, grid in enumerate(grids):
-        array = np.asarray(grid, dtype=np.float64)
-        _require(
-            array.ndim == 2 and array.shape[1] == 2 and len(array) > 0,
-            f"point_grids[{i}] must be a non-empty (N, 2) array of x, y, got shape {array.shape}",
-        )
-        _require(
-            bool(((array >= 0) & (array <= 1)).all()),
-            f"point_grids[{i}] must hold coordinates normalised to [0, 1]",
-        )
-        checked.append(array)
-    return checked
-
-
-def check_options(
-    points_per_side: int | None = 32,
-    points_per_batch: int = 64,
-    pred_iou_thresh: float = 0.88,
-    stability_score_thresh: float = 0.95,
-    stability_score_offset: float = 1.0,
-    box_nms_thresh: float = 0.7,
-    crop_n_layers: int = 0,
-    crop_nms_thresh: float = 0.7,
-    crop_overlap_ratio: float = 512 / 1500,
-    crop_n_points_downscale_factor: int = 1,
-    point_grids: Sequence[np.ndarray] | None = None,
-    min_mask_region_area: int = 0,
-    output_mode: str = "binary_mask",
-) -> list[np.ndarray]:
-    """Validate generator options (SeganyError on the first bad one); return the point grids.
-
-    Returns one (N_i, 2) float64 grid of normalised (x, y) points per crop layer.
-    """
-    _require(
-        (points_per_side is None) != (point_grids is None),
-        "give exactly one of points_per_side and point_grids "
-        "(set points_per_side=None to use point_grids)",
-    )
-    for name, value in [
-        ("pred_iou_thresh", pred_iou_thresh),
-        ("stability_score_thresh", stability_score_thresh),
-        ("box_nms_thresh", box_nms_thresh),
-        ("crop_nms_thresh", crop_nms_thresh),
-    ]:
-        _check_fraction(name, value)
-    _require(
-        isinstance(crop_overlap_ratio, (int, float)) and 0.0 <= crop_overlap_ratio < 1.0,
-        f"crop_overlap_ratio must be >= 0 and < 1, got {crop_overlap_ratio!r}",
-    )
-    _require(
-        isinstance(stability_score_offset, (int, float)) and stability_score_offset >= 0,
-        f"stability_score_offset must be a number >= 0, got {stability_score_offset!r}",
-    )
-    _check_count("points_per_batch", points_per_batch, 1)
-    _check_count("crop_n_layers", crop_n_layers, 0)
-    _check_count("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
-    _check_count("min_mask_region_area", min_mask_region_area, 0)
-    _require(
-        output_mode in OUTPUT_MODES,
-        f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}",
-    )
-    if point_grids is not None:
-        return _checked_point_grids(point_grids, crop_n_layers)
-    assert points_per_side is not None
-    _check_count("points_per_side", points_per_side, 1)
-    deepest = int(points_per_side / crop_n_points_downscale_factor**crop_n_layers)
-    _require(
-        deepest >= 1,
-        f"points_per_side={points_per_side} leaves no points in crop layer {crop_n_layers} "
-        f"after downscaling by {crop_n_points_downscale_factor} per layer; use more points, "
-        "fewer crop layers or a smaller crop_n_points_downscale_factor",
-    )
-    return build_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
-
-
-def check_image(image: np.ndarray) -> None:
-    """SeganyError unless ``image`` is a non-empty (H, W, 3) uint8 array."""
-    _require(
-        isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3,
-        f"image must be an (H, W, 3) RGB array, got shape {getattr(image, 'shape', None)}; "
-        "use segany.images.read_image to load a file",
-    )
-    _require(image.dtype == np.uint8, f"image must be uint8 (0-255), got {image.dtype}")
-    _require(min(image.shape[:2]) > 0, "image is empty (zero height or width)")
-
-
 class SamAutomaticMaskGenerator:
     """Generates masks for everything in an image with a grid of point prompts.
 
@@ -250,7 +135,8 @@ class SamAutomaticMaskGenerator:
         precision: str = "auto",
         compile: bool = False,
     ) -> None:
-        self.point_grids = check_options(
+        # One check of every option (SeganyError naming the first bad one).
+        self.options = AmgOptions(
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh,
@@ -265,6 +151,7 @@ class SamAutomaticMaskGenerator:
             min_mask_region_area=min_mask_region_area,
             output_mode=output_mode,
         )
+        self.point_grids = self.options.layer_point_grids()
         self.predictor = SamPredictor(model, precision=precision, compile=compile)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -296,7 +183,7 @@ class SamAutomaticMaskGenerator:
             ``bbox`` (XYWH, inclusive corners: ``w = x_max - x_min``), ``predicted_iou``,
             ``point_coords`` ([[x, y]] prompt), ``stability_score`` and ``crop_box`` (XYWH).
         """
-        check_image(image)
+        check_image(image, "RGB")
         candidates = self.generate_candidates(image)
         if self.min_mask_region_area > 0 and len(candidates) > 0:
             candidates = self.postprocess_small_regions(

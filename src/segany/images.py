@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segany.atomic import atomic_path
 from segany.errors import SeganyError
+from segany.inputs import check_image
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -380,14 +381,6 @@ def _unit_alpha(alpha: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-def _check_image(image: np.ndarray, what: str = "image") -> None:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", type(image).__name__)
-        raise SeganyError(f"{what} must be an HxWx3 RGB array, got shape {shape}")
-    if image.dtype != np.uint8:
-        raise SeganyError(f"{what} must have dtype uint8, got {image.dtype}; convert it first")
-
-
 def _check_mask(mask: np.ndarray, what: str = "mask") -> np.ndarray:
     """Return ``mask`` as a 2-D ``bool`` array (non-zero is inside)."""
     mask = np.asarray(mask)
@@ -422,7 +415,7 @@ def write_image(path: PathLike, image: np.ndarray) -> Path:
             f"cannot write image {target}: unknown file type {target.suffix or '(none)'!r}; "
             f"use one of {known}"
         )
-    _check_image(image)
+    check_image(image)
     options = {"quality": 95} if file_format in ("JPEG", "WEBP") else {}
     with atomic_path(target) as temp:
         Image.fromarray(image).save(temp, format=file_format, **options)
@@ -557,7 +550,7 @@ def overlay_masks(
     Line widths and dot sizes grow with the image (about 1/300 and 1/100 of the
     shorter side).
     """
-    _check_image(image)
+    check_image(image)
     if not 0.0 <= alpha <= 1.0:
         raise SeganyError(f"alpha must be between 0 and 1, got {alpha}")
     stack = _as_mask_stack(masks, image.shape[:2])

@@ -28,21 +28,26 @@ def as_float_array(value: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
-def check_image(image: np.ndarray, image_format: str, model_format: str = "RGB") -> np.ndarray:
-    """Validate an (H, W, 3) uint8 image in ``image_format``; return it contiguous in
-    ``model_format`` channel order."""
+def check_image(
+    image: np.ndarray, image_format: str = "RGB", model_format: str = "RGB", what: str = "image"
+) -> np.ndarray:
+    """The one check of an image that segany is given (the predictors, the automatic mask
+    generator, the writers and drawing in :mod:`segany.images`): SeganyError unless
+    ``image`` is a non-empty (H, W, 3) uint8 array in ``image_format`` ('RGB' or 'BGR');
+    returns it contiguous in ``model_format`` channel order. ``what`` names it in errors.
+    """
     if image_format not in IMAGE_FORMATS:
         raise SeganyError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
+        got = f"shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise SeganyError(
-            f"image must be an (H, W, 3) array, got shape {shape}; "
+            f"{what} must be an (H, W, 3) RGB array, got {got}, not HxWx3; "
             "use segany.images.read_image to load a file"
         )
     if image.dtype != np.uint8:
-        raise SeganyError(f"image must be uint8 (0-255), got {image.dtype}")
+        raise SeganyError(f"{what} must be uint8 (0-255), got {image.dtype}")
     if min(image.shape[:2]) == 0:
-        raise SeganyError("image is empty (zero height or width)")
+        raise SeganyError(f"{what} is empty (zero height or width)")
     if image_format != model_format:
         image = image[..., ::-1]
     return np.ascontiguousarray(image)

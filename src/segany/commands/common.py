@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import Any
 
-from ..automatic_mask_generator import SamAutomaticMaskGenerator, check_options
+from ..amg_options import AmgOptions
 from ..build import MODEL_CONFIGS, load_model, resolve_device
 from ..errors import SeganyError
 from ..modeling import Sam
@@ -50,46 +49,28 @@ def add_model_arguments(
         )
 
 
-# Generator options offered as flags (point_grids cannot be given on a command line).
-AMG_OPTIONS: dict[str, tuple[type, str]] = {
-    "points_per_side": (int, "grid points along each side of the image"),
-    "points_per_batch": (int, "points run through the model together (memory vs speed)"),
-    "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this (0 disables)"),
-    "stability_score_thresh": (float, "keep masks at least this stable (0 disables)"),
-    "stability_score_offset": (float, "logit shift used to measure stability"),
-    "box_nms_thresh": (float, "box IoU above which duplicate masks are removed"),
-    "crop_n_layers": (int, "extra layers of image crops (layer i has 4**i crops)"),
-    "crop_nms_thresh": (float, "box IoU above which duplicates across crops are removed"),
-    "crop_overlap_ratio": (float, "overlap of first-layer crops, fraction of the short side"),
-    "crop_n_points_downscale_factor": (int, "points per side shrink by this per crop layer"),
-    "min_mask_region_area": (int, "fill holes and drop islands smaller than this (pixels)"),
-}
-
-
 def add_amg_arguments(parser: argparse.ArgumentParser) -> None:
-    """A flag per option of :class:`SamAutomaticMaskGenerator` (``--points-per-side``, ...),
-    with the generator's defaults; read them back with :func:`amg_options`."""
-    defaults = inspect.signature(SamAutomaticMaskGenerator).parameters
+    """A flag per option of :class:`~segany.amg_options.AmgOptions` that a command line can
+    give (``--points-per-side``, ...; not ``point_grids`` or ``output_mode``), with the
+    generator's defaults; read them back with :func:`amg_options`."""
     group = parser.add_argument_group("mask generator (defaults as SAM's)")
-    for name, (kind, text) in AMG_OPTIONS.items():
-        default = defaults[name].default
+    for spec in AmgOptions.specs():
+        if not spec.flag:
+            continue
         group.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=default,
-            metavar="N" if kind is int else "X",
-            help=f"{text} (default: {default:.4g})",
+            "--" + spec.name.replace("_", "-"),
+            type=spec.kind,
+            default=spec.default,
+            metavar="N" if spec.kind is int else "X",
+            help=f"{spec.help} (default: {spec.default:.4g})",
         )
 
 
-def amg_options(args: argparse.Namespace, output_mode: str) -> dict[str, Any]:
-    """The generator's keyword arguments from the flags of :func:`add_amg_arguments` and
-    :func:`add_model_arguments` (precision, compile); bad options fail here, before any
-    model loads."""
-    options = {name: getattr(args, name) for name in AMG_OPTIONS}
-    options["output_mode"] = output_mode
-    check_options(**options)
-    return {**options, **inference_options(args)}
+def amg_options(args: argparse.Namespace, output_mode: str) -> AmgOptions:
+    """The generator's options from the flags of :func:`add_amg_arguments`; bad options
+    fail here, before any model loads."""
+    values = {spec.name: getattr(args, spec.name) for spec in AmgOptions.specs() if spec.flag}
+    return AmgOptions(**values, output_mode=output_mode)
 
 
 def model_from_args(args: argparse.Namespace) -> Sam:

@@ -15,7 +15,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+from ..amg_options import AmgOptions
 from ..atomic import check_writable
 from ..build import MODEL_CONFIGS
 from ..engine.annotate import OUTPUT_MODE, ModelSpec
@@ -25,7 +27,7 @@ from ..engine.ray_runner import INSTALL_HINT
 from ..engine.retrain import REPORT_FILE, RetrainOptions, format_report, retrain
 from ..engine.sources import output_folder, require_inputs
 from ..errors import SeganyError
-from .common import add_amg_arguments, add_model_arguments, amg_options
+from .common import add_amg_arguments, add_model_arguments, amg_options, inference_options
 from .eval import SPLITS, default_split
 
 
@@ -196,8 +198,14 @@ def _add_retrain(stages: argparse._SubParsersAction) -> None:
 # -------------------------------------------------------------------------------------
 
 
-def _model_spec(args: argparse.Namespace, options: dict) -> ModelSpec:
-    """The model each worker loads; unknown names and missing files fail here, at once."""
+def _model_spec(
+    args: argparse.Namespace,
+    options: AmgOptions | None = None,
+    inference: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """The model each worker loads, the generator's options and ``inference`` (precision
+    and compile, from :func:`inference_options`); unknown names and missing files fail
+    here, at once."""
     if args.model is not None and args.model not in MODEL_CONFIGS:
         raise SeganyError(
             f"unknown model {args.model!r}; choose one of: {', '.join(MODEL_CONFIGS)}"
@@ -208,7 +216,9 @@ def _model_spec(args: argparse.Namespace, options: dict) -> ModelSpec:
         if not path.is_file():
             raise SeganyError(f"checkpoint not found: {args.checkpoint}")
         checkpoint = str(path.resolve())  # workers may run in another folder
-    return ModelSpec(args.model, checkpoint, args.device, options)
+    return ModelSpec(
+        args.model, checkpoint, args.device, options or AmgOptions(), **(inference or {})
+    )
 
 
 def _run_settings(args: argparse.Namespace) -> RunSettings:
@@ -264,9 +274,9 @@ def _print_summary(summary: Summary, outdir: Path) -> None:
 
 def run_auto_command(args: argparse.Namespace) -> int:
     """``segany engine auto``; exit status 1 when some images failed."""
-    options = amg_options(args, OUTPUT_MODE)
+    options, inference = amg_options(args, OUTPUT_MODE), inference_options(args)
     settings = _run_settings(args)
-    spec = _model_spec(args, options)
+    spec = _model_spec(args, options, inference)
     outdir = output_folder(args.output)
     jobs = plan_auto(require_inputs(args.input, outdir), outdir)
     ray = _ray(settings, "auto")
@@ -277,9 +287,9 @@ def run_auto_command(args: argparse.Namespace) -> int:
 
 def run_propose_command(args: argparse.Namespace) -> int:
     """``segany engine propose``."""
-    options = amg_options(args, OUTPUT_MODE)
+    options, inference = amg_options(args, OUTPUT_MODE), inference_options(args)
     settings = _run_settings(args)
-    spec = _model_spec(args, options)
+    spec = _model_spec(args, options, inference)
     coco, images = _coco_inputs(args)
     output = Path(args.output)
     if output.is_dir() or output.suffix.lower() != ".json":
@@ -302,7 +312,7 @@ def run_retrain_command(args: argparse.Namespace) -> int:
     """``segany engine retrain``."""
     options = RetrainOptions(**{f.name: getattr(args, f.name) for f in fields(RetrainOptions)})
     options.check()
-    _model_spec(args, {})  # the same model checks as the other stages
+    _model_spec(args)  # the same model checks as the other stages
     coco, images = _coco_inputs(args)
     val = Path(args.val) if args.val else None
     if val is not None and not val.exists():

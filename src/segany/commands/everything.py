@@ -37,7 +37,13 @@ from ..mask_formats import (
     write_json,
     write_overlay,
 )
-from .common import add_amg_arguments, add_model_arguments, amg_options, model_from_args
+from .common import (
+    add_amg_arguments,
+    add_model_arguments,
+    amg_options,
+    inference_options,
+    model_from_args,
+)
 
 FORMATS = ("sa1b", "coco", "png")
 COCO_PARTS = "coco_parts"
@@ -141,7 +147,8 @@ def assemble_coco(jobs: list[Job], outdir: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``segany everything``; returns the exit status (see the parser's epilog)."""
-    options = amg_options(args, OUTPUT_MODE[args.format])
+    options = amg_options(args, OUTPUT_MODE[args.format]).to_dict()
+    inference = inference_options(args)
     outdir = output_folder(args.output)
     paths = require_inputs(args.input, outdir)
     jobs = plan_jobs(paths, outdir, args.format, args.overlay)
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             failed.append((job.path, str(error)))
             continue
         if generator is None:
-            generator = SamAutomaticMaskGenerator(model_from_args(args), **options)
+            generator = SamAutomaticMaskGenerator(model_from_args(args), **options, **inference)
         records = generator.generate(image)
         write_outputs(job, args.format, image, records)
         masks += len(records)

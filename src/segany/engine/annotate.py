@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..amg_options import AmgOptions
 from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..errors import SeganyError
 from ..images import read_image
@@ -27,17 +28,30 @@ OUTPUT_MODE = "uncompressed_rle"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What each worker loads: a registry model and/or a checkpoint, on a device, and the
-    generator's options (``SamAutomaticMaskGenerator`` keyword arguments, including
-    ``precision`` and ``compile``)."""
+    """What each worker loads: a registry model and/or a checkpoint, on a device, and how
+    the automatic mask generator runs it: its ``options`` (their ``output_mode`` is
+    replaced by :data:`OUTPUT_MODE`), ``precision`` and ``compile`` (see
+    :class:`~segany.automatic_mask_generator.SamAutomaticMaskGenerator`)."""
 
     model: str | None = None
     checkpoint: str | None = None
     device: str = "auto"
-    options: dict[str, Any] = field(default_factory=dict)
+    options: AmgOptions = field(default_factory=AmgOptions)
+    precision: str = "auto"
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (for a Ray actor's arguments); :meth:`from_dict` reads it back."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(**{**data, "options": AmgOptions(**data["options"])})
+
+    def generator_options(self) -> dict[str, Any]:
+        """The generator's keyword arguments (less the model)."""
+        options = {**self.options.to_dict(), "output_mode": OUTPUT_MODE}
+        return {**options, "precision": self.precision, "compile": self.compile}
 
 
 @dataclass(frozen=True)
@@ -93,9 +107,8 @@ class Annotator:
     def __init__(self, spec: ModelSpec) -> None:
         from ..build import load_model  # the model stack is imported where it runs
 
-        options = {**spec.options, "output_mode": OUTPUT_MODE}
         self.generator = SamAutomaticMaskGenerator(
-            load_model(spec.model, spec.checkpoint, spec.device), **options
+            load_model(spec.model, spec.checkpoint, spec.device), **spec.generator_options()
         )
 
     def __call__(self, task: Task) -> Result:

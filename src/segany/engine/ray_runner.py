@@ -165,7 +165,7 @@ class RayAnnotator:
                 warnings.showwarning = _one_line_warning
             else:  # the driver has loaded the same model and shown them already
                 warnings.simplefilter("ignore")
-            self.annotator = Annotator(ModelSpec(**spec))
+            self.annotator = Annotator(ModelSpec.from_dict(spec))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         data = batch.get("data")

@@ -46,10 +46,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.background import BackgroundTask
 
 from .. import __version__
+from ..amg_options import AmgOptions
 from ..errors import SeganyError
 from ..inputs import check_boxes, check_points
 from ..mask_formats import write_json
@@ -59,6 +60,8 @@ from .export import coco_export, png_zip, write_png_folder
 from .jobs import Job, JobCancelled, JobQueue, JobStatus, QueueFull
 from .library import ImageLibrary, NotAnImage
 from .limits import (
+    EVERYTHING_LIMITS,
+    EVERYTHING_OPTIONS,
     FINISHED_JOBS_KEPT,
     MAX_CROP_N_LAYERS,
     MAX_EVERYTHING_PROMPTS,
@@ -184,16 +187,36 @@ class EmbeddingOut(BaseModel):
     seconds: float
 
 
-class EverythingIn(Body):
-    """Options of the automatic mask generator (SAM's defaults), within the server's
-    limits (see :mod:`segany.serve.limits`)."""
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
 
-    points_per_side: int = Field(32, ge=1, le=MAX_POINTS_PER_SIDE)
-    pred_iou_thresh: float = Field(0.88, ge=0, le=1)
-    stability_score_thresh: float = Field(0.95, ge=0, le=1)
-    box_nms_thresh: float = Field(0.7, ge=0, le=1)
-    crop_n_layers: int = Field(0, ge=0, le=MAX_CROP_N_LAYERS)
-    min_mask_region_area: int = Field(0, ge=0)
+
+def _everything_in() -> type[Body]:
+    """The body of a "segment everything" request, made from the generator's options
+    (:class:`~segany.amg_options.AmgOptions`: types, defaults, bounds, descriptions): those
+    in :data:`~.limits.EVERYTHING_OPTIONS`, within :data:`~.limits.EVERYTHING_LIMITS`."""
+    fields: dict[str, Any] = {}
+    for spec in AmgOptions.specs():
+        if spec.name not in EVERYTHING_OPTIONS:
+            continue
+        bounds: dict[str, float | int] = {}
+        if spec.minimum is not None:
+            bounds["ge"] = _number(spec.minimum)
+        if spec.maximum is not None:
+            bounds["lt" if spec.below else "le"] = _number(spec.maximum)
+        bounds.update(EVERYTHING_LIMITS.get(spec.name, {}))
+        fields[spec.name] = (spec.kind, Field(spec.default, description=spec.help, **bounds))
+    return create_model(
+        "EverythingIn",
+        __base__=Body,
+        __doc__="Options of the automatic mask generator (SAM's defaults), within the "
+        "server's limits (see :mod:`segany.serve.limits`).",
+        __module__=__name__,
+        **fields,
+    )
+
+
+EverythingIn = _everything_in()
 
 
 class ImageOut(BaseModel):

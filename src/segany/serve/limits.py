@@ -19,6 +19,11 @@ of CPU at the very worst:
   32 points per side (5,120) is allowed. The budget is a :class:`~.app.ServeSettings`
   field, so a server on a GPU may raise it.
 
+A request sets only the generator's options in :data:`EVERYTHING_OPTIONS` (the server
+chooses the decoder batch and the output mode, and keeps the crop layers' downscale
+factor at 1, which :func:`everything_prompts` counts on), within their own bounds (see
+:class:`segany.amg_options.AmgOptions`) and :data:`EVERYTHING_LIMITS`.
+
 Jobs: "segment everything" runs as a job, one at a time; at most
 :data:`MAX_QUEUED_JOBS` wait behind the running one (more get 429), so a client cannot
 queue unbounded work either.
@@ -34,6 +39,21 @@ MAX_CROP_N_LAYERS = 1
 MAX_EVERYTHING_PROMPTS = 32 * 32 * 5
 MAX_QUEUED_JOBS = 8
 FINISHED_JOBS_KEPT = 32  # finished jobs still answered by GET /api/jobs/{id}
+
+# The generator's options a "segment everything" request may set, and the server's bounds
+# on them beyond the generator's own (pydantic Field constraints).
+EVERYTHING_OPTIONS = (
+    "points_per_side",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+    "box_nms_thresh",
+    "crop_n_layers",
+    "min_mask_region_area",
+)
+EVERYTHING_LIMITS: dict[str, dict[str, int]] = {
+    "points_per_side": {"le": MAX_POINTS_PER_SIDE},
+    "crop_n_layers": {"le": MAX_CROP_N_LAYERS},
+}
 
 
 def everything_prompts(points_per_side: int, crop_n_layers: int) -> int:
