@@ -33,8 +33,9 @@ from segany.cli import main
 from segany.engine.annotate import ModelSpec, Result
 from segany.engine.auto import RunSettings, Summary, plan_auto, run_auto
 from segany.engine.propose import PROPOSAL_CATEGORY, is_proposal, select_proposals
-from segany.engine.retrain import held_out
+from segany.engine.retrain import RetrainOptions, _train_config, held_out
 from segany.engine.sources import require_inputs
+from segany.errors import SeganyError
 from segany.images import read_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -547,6 +548,24 @@ def test_propose_adds_only_masks_off_the_annotations(
 # -------------------------------------------------------------------------------------
 # (g) Retraining
 # -------------------------------------------------------------------------------------
+
+
+def test_retrain_builds_its_training_config(tmp_path: Path, monkeypatch) -> None:
+    """The TrainConfig is built directly: paths stay as given (a relative -o is not taken
+    against itself), and the trainer's checks still run."""
+    monkeypatch.chdir(tmp_path)
+    train_dir = Path("out") / "data" / "train"
+    train_dir.mkdir(parents=True)
+    config = config_from_dict(TINY)
+    options = RetrainOptions(steps=7, device="cpu")
+    built = _train_config(Path("out"), train_dir, config, Path("out/base.safetensors"), options)
+    assert built.output == Path("out") and built.data.train[0].root == train_dir
+    assert built.model.checkpoint == Path("out/base.safetensors") and built.model.name is None
+    assert config_from_dict(built.model.config) == config
+    assert (built.optim.steps, built.optim.warmup_steps, built.optim.precision) == (7, 1, "fp32")
+    assert built.log_every == 7 and built.model.freeze == "encoder"
+    with pytest.raises(SeganyError, match="data folder not found"):
+        _train_config(Path("out"), Path("missing"), config, Path("base"), options)
 
 
 def test_retrain_fine_tunes_and_reports(

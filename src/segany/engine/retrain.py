@@ -4,9 +4,10 @@ Accepted annotations are those of the COCO file that are not unaccepted proposal
 :func:`segany.engine.propose.is_proposal`). Validation is either a data set of its own
 (``val``, any format segany.data reads) or a deterministic share of the annotated images
 held out (chosen by a hash of the file stem and the seed, so the same file gives the same
-split). Training is :func:`segany.train.train` with a config built here (SAM's simulated
-interactive recipe, encoder frozen by default); evaluation is :func:`segany.evaluate.evaluate`
-with box prompts and simulated clicks, before and after.
+split). Training is :func:`segany.train.train` with a
+:class:`~segany.train.config.TrainConfig` built here (SAM's simulated interactive recipe,
+encoder frozen by default); evaluation is :func:`segany.evaluate.evaluate` with box
+prompts and simulated clicks, before and after.
 
 Written in OUTDIR: ``data/train/annotations.json`` and ``data/val/annotations.json`` (the
 subsets, image paths absolute), ``base.safetensors`` (the starting model, so training and
@@ -45,7 +46,15 @@ from ..mask_formats import write_json
 from ..modeling import Sam
 from ..predictor import SamPredictor
 from ..train import train
-from ..train.config import FREEZE_CHOICES, parse_config
+from ..train.config import (
+    FREEZE_CHOICES,
+    DataSection,
+    DataSource,
+    ModelSection,
+    OptimSection,
+    TrainConfig,
+    check_config,
+)
 from .propose import is_proposal, locate_images, proposal_category_ids
 
 REPORT_FILE = "report.json"
@@ -231,34 +240,37 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _train_config(
     outdir: Path, train_dir: Path, config: SamConfig, base: Path, options: RetrainOptions
-) -> Any:
+) -> TrainConfig:
+    """The fine-tuning run: SAM's recipe from ``base`` on the COCO subset in ``train_dir``,
+    checked as a YAML config would be."""
     precision = options.precision
     if precision == "auto":
         precision = "bf16" if resolve_device(options.device).type == "cuda" else "fp32"
-    raw = {
-        "model": {
-            "name": None,
-            "config": config_to_dict(config),
-            "checkpoint": str(base),
-            "freeze": options.freeze,
-        },
-        "data": {
-            "train": [{"root": str(train_dir), "format": "coco", "split": "all"}],
-            "masks_per_image": options.masks_per_image,
-        },
-        "optim": {
-            "steps": options.steps,
-            "batch_images": options.batch_images,
-            "lr": options.lr,
-            "warmup_steps": min(50, max(1, options.steps // 10)),
-            "precision": precision,
-            "seed": options.seed,
-        },
-        "output": str(outdir),
-        "device": options.device,
-        "log_every": min(10, options.steps),
-    }
-    return parse_config(raw, outdir)  # the trainer's own checks of every value
+    train_config = TrainConfig(
+        model=ModelSection(
+            name=None,
+            config=config_to_dict(config),
+            checkpoint=base,
+            freeze=options.freeze,
+        ),
+        data=DataSection(
+            train=(DataSource(root=train_dir, format="coco", split="all"),),
+            masks_per_image=options.masks_per_image,
+        ),
+        optim=OptimSection(
+            steps=options.steps,
+            batch_images=options.batch_images,
+            lr=options.lr,
+            warmup_steps=min(50, max(1, options.steps // 10)),
+            precision=precision,
+            seed=options.seed,
+        ),
+        output=outdir,
+        device=options.device,
+        log_every=min(10, options.steps),
+    )
+    check_config(train_config)  # the trainer's own checks of every value
+    return train_config
 
 
 def retrain(

@@ -224,11 +224,13 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> TrainConfi
         optim=_build(OptimSection, raw.get("optim"), "optim", base),
         source=source,
     )
-    _check(config)
+    check_config(config)
     return config
 
 
-def _check(config: TrainConfig) -> None:
+def check_config(config: TrainConfig) -> None:
+    """The checks of every value that :func:`parse_config` runs, for a config built in
+    Python (such as ``segany engine retrain``'s); SeganyError naming the first problem."""
     model, optim = config.model, config.optim
     if model.freeze not in FREEZE_CHOICES:
         raise SeganyError(
