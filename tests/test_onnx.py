@@ -27,12 +27,13 @@ import pytest
 import torch
 from reference import CONFIGS, make_model_pair, randomize_
 
-from segany import SamPredictor, SeganyError, onnx_export, sam_model_registry
+from segany import SamPredictor, SeganyError, sam_model_registry
 from segany.build import build_sam_from_config, save_model
 from segany.cli import main
-from segany.onnx_export import export_decoder, export_onnx, quantize
-from segany.onnx_format import DECODER_INPUTS, DecoderOptions, ModelInfo
-from segany.onnx_predictor import OnnxSamPredictor
+from segany.onnx import export as onnx_export
+from segany.onnx.export import export_decoder, export_onnx, quantize
+from segany.onnx.format import DECODER_INPUTS, DecoderOptions, ModelInfo
+from segany.onnx.predictor import OnnxSamPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # logits and embeddings; measured differences are about 1e-5
@@ -512,6 +513,19 @@ def test_cli_export_output_is_a_file(tmp_path, capsys) -> None:
     assert "is a file" in capsys.readouterr().err
 
 
+def test_old_module_names_are_the_new_modules() -> None:
+    """segany.onnx_export and segany.onnx_predictor (before segany/onnx/) still import,
+    as the very modules of the package."""
+    import segany.onnx.export
+    import segany.onnx.predictor
+    import segany.onnx_export
+    import segany.onnx_predictor
+
+    assert segany.onnx_export is segany.onnx.export
+    assert segany.onnx_predictor is segany.onnx.predictor
+    assert segany.OnnxSamPredictor is segany.onnx.OnnxSamPredictor is OnnxSamPredictor
+
+
 # -------------------------------------------------------------------------------------
 # Without PyTorch
 # -------------------------------------------------------------------------------------
@@ -527,7 +541,7 @@ PREDICT_SCRIPT = textwrap.dedent(
     else:
         sys.exit("torch is importable")
     import segany
-    from segany.onnx_predictor import OnnxSamPredictor
+    from segany.onnx import OnnxSamPredictor
     predictor = segany.OnnxSamPredictor(sys.argv[1])
     predictor.set_image(np.load(sys.argv[2]))
     masks, scores, low_res = predictor.predict(**json.loads(sys.argv[3]))

@@ -18,7 +18,7 @@ from .errors import SeganyError
 if TYPE_CHECKING:
     from .automatic_mask_generator import SamAutomaticMaskGenerator
     from .build import MODEL_CONFIGS, SamConfig, build_sam, load_model, sam_model_registry
-    from .onnx_predictor import OnnxSamPredictor
+    from .onnx.predictor import OnnxSamPredictor
     from .predictor import SamPredictor
 
 __version__ = "0.1.0"
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it.
 _LAZY = {
     "MODEL_CONFIGS": ".build",
-    "OnnxSamPredictor": ".onnx_predictor",
+    "OnnxSamPredictor": ".onnx.predictor",
     "SamAutomaticMaskGenerator": ".automatic_mask_generator",
     "SamConfig": ".build",
     "SamPredictor": ".predictor",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..atomic import check_writable
 from ..build import load_model
-from ..onnx_export import DEFAULT_OPSET, check_export_packages, check_opset, export_onnx
-from ..onnx_format import DecoderOptions
+from ..onnx.export import DEFAULT_OPSET, check_export_packages, check_opset, export_onnx
+from ..onnx.format import DecoderOptions
 from .common import add_model_arguments
 
 
@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write DIR/encoder.onnx (image resized to the model's size -> embedding), "
         "DIR/decoder.onnx (embedding + prompts -> masks, with the inputs and outputs of the "
         "official SAM ONNX export) and DIR/model.json. Use them with "
-        "segany.onnx_predictor.OnnxSamPredictor (pip install 'segany[onnx]', no PyTorch) or "
+        "segany.onnx.OnnxSamPredictor (pip install 'segany[onnx]', no PyTorch) or "
         "a front end made for SAM's ONNX model.",
         epilog="Exit status: 0 on success, 2 for bad options or a missing package.",
     )

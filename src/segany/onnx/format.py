@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import SeganyError
+from ..errors import SeganyError
 
 FORMAT_NAME = "segany-onnx"
 FORMAT_VERSION = 1
