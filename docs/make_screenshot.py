@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
 
 from browser import chromium, live_server  # noqa: E402
 
-from segany.build import load_model  # noqa: E402
+from segany.loading import load_model  # noqa: E402
 from segany.serve import ServeSettings, create_app  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "coco-mval"

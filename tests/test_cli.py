@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from segany import SamPredictor
-from segany.build import load_model
 from segany.cli import main
+from segany.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,17 +231,17 @@ def _one_error_line(capsys: pytest.CaptureFixture, command: str, *parts: str) ->
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a model (or starting the work of engine, export, weights convert) fails
     the test: the commands below must stop before it."""
-    import segany.build
     import segany.commands.common
     import segany.commands.engine
     import segany.commands.export
+    import segany.loading
 
     def reached(*args, **kwargs):
         raise AssertionError("the work started before the outputs were checked")
 
     monkeypatch.setattr(segany.commands.common, "load_model", reached)
     monkeypatch.setattr(segany.commands.export, "load_model", reached)
-    monkeypatch.setattr(segany.build, "load_model_and_config", reached)
+    monkeypatch.setattr(segany.loading, "load_model_and_config", reached)
     monkeypatch.setattr(segany.commands.engine, "run_auto", reached)
 
 

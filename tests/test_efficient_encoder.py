@@ -17,9 +17,9 @@ from segany.build import (
     build_sam_from_config,
     config_from_dict,
     config_to_dict,
-    save_model,
 )
 from segany.errors import SeganyError
+from segany.loading import save_model
 from segany.modeling import EfficientEncoder
 from segany.modeling.common import ConvNormAct
 from segany.modeling.efficient_encoder import LITE2_STAGES, imagenet_state_dict

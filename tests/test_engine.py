@@ -27,7 +27,7 @@ from test_train import TINY_HYBRID as TINY
 
 from segany.amg_options import AmgOptions
 from segany.automatic_mask_generator import SamAutomaticMaskGenerator
-from segany.build import build_sam_from_config, config_from_dict, load_model, save_model
+from segany.build import build_sam_from_config, config_from_dict
 from segany.checkpoint import read_state_dict
 from segany.cli import main
 from segany.engine.annotate import ModelSpec, Result
@@ -37,6 +37,7 @@ from segany.engine.retrain import RetrainOptions, _train_config, held_out
 from segany.engine.sources import require_inputs
 from segany.errors import SeganyError
 from segany.images import read_image
+from segany.loading import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = [

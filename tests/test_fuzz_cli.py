@@ -36,11 +36,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-import segany.build
 import segany.commands.common
 import segany.commands.engine
 import segany.commands.export
 import segany.commands.train
+import segany.loading
 import segany.weights
 from segany.cli import build_parser, main
 from segany.data import DataWarning, load_dataset
@@ -161,7 +161,7 @@ def stubbed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Every step that would do real work raises ReachedWork; returns a scratch folder."""
     monkeypatch.setattr(segany.commands.common, "load_model", _reached)
     monkeypatch.setattr(segany.commands.export, "load_model", _reached)
-    monkeypatch.setattr(segany.build, "load_model_and_config", _reached)
+    monkeypatch.setattr(segany.loading, "load_model_and_config", _reached)
     monkeypatch.setattr(segany.commands.train, "train", _reached)
     for name in ("run_auto", "propose", "retrain"):
         monkeypatch.setattr(segany.commands.engine, name, _reached)

@@ -28,8 +28,9 @@ import torch
 from reference import CONFIGS, make_model_pair, randomize_
 
 from segany import SamPredictor, SeganyError, sam_model_registry
-from segany.build import build_sam_from_config, save_model
+from segany.build import build_sam_from_config
 from segany.cli import main
+from segany.loading import save_model
 from segany.onnx import export as onnx_export
 from segany.onnx.export import export_decoder, export_onnx, quantize
 from segany.onnx.format import DECODER_INPUTS, DecoderOptions, ModelInfo

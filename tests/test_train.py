@@ -14,8 +14,9 @@ import torch
 import yaml
 from reference import randomize_
 
-from segany.build import build_sam_from_config, config_from_dict, load_model, save_model
+from segany.build import build_sam_from_config, config_from_dict
 from segany.checkpoint import load_checkpoint
+from segany.loading import load_model, save_model
 from segany.train import load_config, train
 from segany.train.data_stream import SampleStream
 from segany.train.trainer import InteractiveStep, build_training_model

@@ -17,7 +17,8 @@ from .errors import SeganyError
 
 if TYPE_CHECKING:
     from .automatic_mask_generator import SamAutomaticMaskGenerator
-    from .build import MODEL_CONFIGS, SamConfig, build_sam, load_model, sam_model_registry
+    from .build import MODEL_CONFIGS, SamConfig, build_sam, sam_model_registry
+    from .loading import load_model
     from .onnx.predictor import OnnxSamPredictor
     from .predictor import SamPredictor
 
@@ -31,7 +32,7 @@ _LAZY = {
     "SamConfig": ".build",
     "SamPredictor": ".predictor",
     "build_sam": ".build",
-    "load_model": ".build",
+    "load_model": ".loading",
     "sam_model_registry": ".build",
 }
 

@@ -2,12 +2,13 @@
 
 ``sam_model_registry[name](checkpoint=None)`` builds a model like the official
 registry does; :func:`build_sam` accepts a registry name or a :class:`SamConfig`
-for custom sizes; :func:`load_model` is what the command-line tools call.
+for custom sizes. Loading a model for the tools (official weights, checkpoints, the
+device) and saving one is :mod:`segany.loading`; its names (:func:`load_model`, ...) are
+still found here for code that imports them from ``segany.build``.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,15 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import weights
-from .checkpoint import (
-    detect_model_type,
-    load_checkpoint,
-    load_state_dict_into,
-    read_metadata,
-    read_state_dict,
-    save_weights,
-)
+from .checkpoint import load_checkpoint
 from .errors import SeganyError
 from .modeling import (
     EfficientEncoder,
@@ -261,6 +254,11 @@ def _resolve(name_or_config: str | SamConfig) -> tuple[str, SamConfig]:
         raise SeganyError(f"unknown model {name_or_config!r}; choose one of: {known}") from None
 
 
+def registry_config(name: str) -> SamConfig:
+    """The registry's config of model ``name``; SeganyError naming the known models."""
+    return _resolve(name)[1]
+
+
 def build_sam(
     name_or_config: str | SamConfig = "default",
     checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
@@ -302,85 +300,19 @@ sam_model_registry: Mapping[str, Callable[..., Sam]] = {
 }
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/"auto" picks CUDA when available, else CPU; bad names are a SeganyError."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise SeganyError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise SeganyError(
-            f"device {device!r} requested but CUDA is not available; use --device cpu"
-        )
-    return resolved
+# Moved to segany.loading: found there on first use, for code that imports them from here.
+_MOVED_TO_LOADING = (
+    "load_model",
+    "load_model_and_config",
+    "official_weights_for",
+    "resolve_device",
+    "save_model",
+)
 
 
-def load_model(
-    name: str | None = None,
-    checkpoint: str | Path | None = None,
-    device: str | None = None,
-) -> Sam:
-    """Model for the tools: by name (``default`` when None), from ``checkpoint`` if given.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_LOADING:
+        from . import loading  # a forward, not a dependency: see docs/ARCHITECTURE.md
 
-    With a checkpoint and no name, the architecture is read from the checkpoint.
-    Meta's and MobileSAM's models without a checkpoint use their official weights,
-    downloaded into the cache on first use (see ``segany weights``).
-    """
-    return load_model_and_config(name, checkpoint, device)[0]
-
-
-def load_model_and_config(
-    name: str | None = None,
-    checkpoint: str | Path | None = None,
-    device: str | None = None,
-) -> tuple[Sam, SamConfig]:
-    """:func:`load_model` and the architecture it built (to save the model again)."""
-    target = resolve_device(device)
-    if checkpoint is None:
-        name = name or "default"
-        config = _resolve(name)[1]
-        official = official_weights_for(name)
-        if official is None:
-            return build_sam(name).to(target), config
-        checkpoint = weights.download(official.name)
-    state = read_state_dict(checkpoint)
-    stored = read_metadata(checkpoint).get(CONFIG_METADATA_KEY)
-    if name is None and stored is not None:
-        config = config_from_dict(json.loads(stored))
-        model = build_sam_from_config(config)
-        load_state_dict_into(model, state, str(checkpoint), "the checkpoint's own config")
-        return model.to(target), config
-    if name is None:
-        name = detect_model_type(state)
-        if name is None:
-            raise SeganyError(
-                f"cannot tell which model {checkpoint} is for; name it with --model "
-                f"({', '.join(MODEL_CONFIGS)})"
-            )
-    config = _resolve(name)[1]
-    model = build_sam_from_config(config)
-    load_state_dict_into(model, state, str(checkpoint), name)
-    return model.to(target), config
-
-
-def official_weights_for(name: str) -> weights.WeightsInfo | None:
-    """The downloadable official checkpoint of a registry model, if it has one."""
-    return next((w for w in weights.WEIGHTS.values() if w.model_type == name), None)
-
-
-def save_model(
-    model: Sam,
-    path: str | Path,
-    config: SamConfig,
-    dtype: torch.dtype | None = None,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Save weights as safetensors with ``config`` inside, so every tool can load them.
-
-    ``dtype`` stores the floating-point weights in another type (see :func:`save_weights`);
-    ``metadata`` adds string entries (e.g. the training progress, see segany.train).
-    """
-    stored = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))}
-    return save_weights(model, path, stored, dtype)
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

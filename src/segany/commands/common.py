@@ -6,8 +6,9 @@ import argparse
 from typing import Any
 
 from ..amg_options import AmgOptions
-from ..build import MODEL_CONFIGS, load_model, resolve_device
+from ..build import MODEL_CONFIGS
 from ..errors import SeganyError
+from ..loading import load_model, resolve_device
 from ..modeling import Sam
 from ..precision import PRECISIONS, resolve_precision
 

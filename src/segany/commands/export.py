@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..atomic import check_writable
-from ..build import load_model
+from ..loading import load_model
 from ..onnx.export import DEFAULT_OPSET, check_export_packages, check_opset, export_onnx
 from ..onnx.format import DecoderOptions
 from .common import add_model_arguments

@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
-    from ..build import load_model_and_config, save_model
+    from ..loading import load_model_and_config, save_model
 
     output = Path(args.output)
     if output.suffix != ".safetensors":

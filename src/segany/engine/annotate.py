@@ -105,7 +105,7 @@ class Annotator:
     """Loads the model once (``spec``); :meth:`__call__` annotates one image."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        from ..build import load_model  # the model stack is imported where it runs
+        from ..loading import load_model  # the model stack is imported where it runs
 
         self.generator = SamAutomaticMaskGenerator(
             load_model(spec.model, spec.checkpoint, spec.device), **spec.generator_options()

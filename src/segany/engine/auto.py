@@ -26,8 +26,8 @@ from typing import Any
 from tqdm import tqdm
 
 from ..atomic import write_text_atomic
-from ..build import load_model
 from ..errors import SeganyError
+from ..loading import load_model
 from .annotate import ModelSpec, Result, Task
 from .local_runner import run_in_process
 from .ray_runner import (
@@ -175,7 +175,7 @@ def _local_weights(spec: ModelSpec) -> ModelSpec:
     local workers do not all download them at the same time)."""
     if spec.checkpoint is not None:
         return spec
-    from ..build import official_weights_for
+    from ..loading import official_weights_for
     from ..weights import download
 
     official = official_weights_for(spec.model or "default")

@@ -33,15 +33,13 @@ from ..build import (
     SamConfig,
     config_from_dict,
     config_to_dict,
-    load_model,
-    resolve_device,
-    save_model,
 )
 from ..checkpoint import detect_model_type, read_metadata, read_state_dict
 from ..data import SegmentationDataset, load_dataset
 from ..data.coco import load_coco_json
 from ..errors import SeganyError
 from ..evaluate import CLICK_COUNTS, evaluate
+from ..loading import load_model, resolve_device, save_model
 from ..mask_formats import write_json
 from ..modeling import Sam
 from ..predictor import SamPredictor

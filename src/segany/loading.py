@@ -1,0 +1,122 @@
+"""Loading and saving models for the tools: by registry name or from a weights file.
+
+:func:`load_model` is what the command line, the data engine and the web app call.
+Without a checkpoint, a registry model gets its official weights (Meta's and MobileSAM's,
+downloaded once into the cache: see :mod:`segany.weights`) or its bundled ones
+(``default``); with one, the architecture is the one :func:`save_model` stored in it, or
+is recognised from its tensors. The registry itself (configurations, builders) is
+:mod:`segany.build`; reading and converting weight files is :mod:`segany.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from . import weights
+from .build import (
+    CONFIG_METADATA_KEY,
+    MODEL_CONFIGS,
+    SamConfig,
+    build_sam,
+    build_sam_from_config,
+    config_from_dict,
+    config_to_dict,
+    registry_config,
+)
+from .checkpoint import (
+    detect_model_type,
+    load_state_dict_into,
+    read_metadata,
+    read_state_dict,
+    save_weights,
+)
+from .errors import SeganyError
+from .modeling import Sam
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/"auto" picks CUDA when available, else CPU; bad names are a SeganyError."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise SeganyError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SeganyError(
+            f"device {device!r} requested but CUDA is not available; use --device cpu"
+        )
+    return resolved
+
+
+def load_model(
+    name: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+) -> Sam:
+    """Model for the tools: by name (``default`` when None), from ``checkpoint`` if given.
+
+    With a checkpoint and no name, the architecture is read from the checkpoint.
+    Meta's and MobileSAM's models without a checkpoint use their official weights,
+    downloaded into the cache on first use (see ``segany weights``).
+    """
+    return load_model_and_config(name, checkpoint, device)[0]
+
+
+def load_model_and_config(
+    name: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+) -> tuple[Sam, SamConfig]:
+    """:func:`load_model` and the architecture it built (to save the model again)."""
+    target = resolve_device(device)
+    if checkpoint is None:
+        name = name or "default"
+        config = registry_config(name)
+        official = official_weights_for(name)
+        if official is None:
+            return build_sam(name).to(target), config
+        checkpoint = weights.download(official.name)
+    state = read_state_dict(checkpoint)
+    stored = read_metadata(checkpoint).get(CONFIG_METADATA_KEY)
+    if name is None and stored is not None:
+        config = config_from_dict(json.loads(stored))
+        model = build_sam_from_config(config)
+        load_state_dict_into(model, state, str(checkpoint), "the checkpoint's own config")
+        return model.to(target), config
+    if name is None:
+        name = detect_model_type(state)
+        if name is None:
+            raise SeganyError(
+                f"cannot tell which model {checkpoint} is for; name it with --model "
+                f"({', '.join(MODEL_CONFIGS)})"
+            )
+    config = registry_config(name)
+    model = build_sam_from_config(config)
+    load_state_dict_into(model, state, str(checkpoint), name)
+    return model.to(target), config
+
+
+def official_weights_for(name: str) -> weights.WeightsInfo | None:
+    """The downloadable official checkpoint of a registry model, if it has one."""
+    return next((w for w in weights.WEIGHTS.values() if w.model_type == name), None)
+
+
+def save_model(
+    model: Sam,
+    path: str | Path,
+    config: SamConfig,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save weights as safetensors with ``config`` inside, so every tool can load them.
+
+    ``dtype`` stores the floating-point weights in another type (see :func:`save_weights`);
+    ``metadata`` adds string entries (e.g. the training progress, see segany.train).
+    """
+    stored = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))}
+    return save_weights(model, path, stored, dtype)
