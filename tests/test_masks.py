@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 from segment_anything.utils import amg as official
 from torchvision.ops.boxes import batched_nms as reference_nms  # tests/standins
 
-from segany import mask_formats as mf
 from segany import masks as m
+from segany.masks import formats as mf
 
 
 def _edge_case_masks() -> list[np.ndarray]:
@@ -263,7 +263,7 @@ def test_rle_of_crop_matches_padded_mask(crop: tuple[int, int, int, int]) -> Non
 
 
 # -------------------------------------------------------------------------------------
-# Output files (segany.mask_formats)
+# Output files (segany.masks.formats)
 # -------------------------------------------------------------------------------------
 
 

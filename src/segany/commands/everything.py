@@ -30,7 +30,7 @@ from ..engine.sources import Job, output_folder, require_inputs
 from ..engine.sources import plan_jobs as plan_jobs_for
 from ..errors import SeganyError
 from ..images import read_image
-from ..mask_formats import (
+from ..masks.formats import (
     coco_document,
     sa1b_document,
     write_amg_folder,

@@ -20,7 +20,7 @@ from ..amg_options import AmgOptions
 from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..errors import SeganyError
 from ..images import read_image
-from ..mask_formats import sa1b_document
+from ..masks.formats import sa1b_document
 
 # SA-1B documents carry COCO RLE, which the generator writes fastest from uncompressed RLE.
 OUTPUT_MODE = "uncompressed_rle"

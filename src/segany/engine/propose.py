@@ -35,8 +35,8 @@ from pycocotools import mask as mask_utils
 from ..data.base import DataWarning
 from ..data.coco import coco_image_dirs, load_coco_json, locate_image, segmentation_to_mask
 from ..errors import SeganyError
-from ..mask_formats import write_json
 from ..masks import CocoRLE, coco_bbox, pycoco_rle
+from ..masks.formats import write_json
 from .annotate import ModelSpec
 from .auto import RunSettings, Summary, plan_auto, run_auto
 

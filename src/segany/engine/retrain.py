@@ -40,7 +40,7 @@ from ..data.coco import load_coco_json
 from ..errors import SeganyError
 from ..evaluate import CLICK_COUNTS, evaluate
 from ..loading import load_model, resolve_device, save_model
-from ..mask_formats import write_json
+from ..masks.formats import write_json
 from ..modeling import Sam
 from ..predictor import SamPredictor
 from ..train import train

@@ -53,8 +53,8 @@ from .. import __version__
 from ..amg_options import AmgOptions
 from ..errors import SeganyError
 from ..inputs import check_boxes, check_points
-from ..mask_formats import write_json
 from ..masks import check_rle, coco_bbox, coco_to_rle, masks_to_rle, rle_area, rle_to_coco
+from ..masks.formats import write_json
 from ..modeling import Sam
 from .export import coco_export, png_zip, write_png_folder
 from .jobs import Job, JobCancelled, JobQueue, JobStatus, QueueFull

@@ -24,8 +24,8 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..images import write_mask_png
-from ..mask_formats import COCO_CATEGORY, coco_document
 from ..masks import coco_to_mask
+from ..masks.formats import COCO_CATEGORY, coco_document
 from .store import ProjectStore, StoredImage, StoredObject
 
 KEPT_SOURCES = ("manual", "auto")

@@ -38,8 +38,8 @@ import numpy as np
 from ..data.coco import load_coco_json, segmentation_problem, segmentation_to_mask
 from ..engine.propose import PROPOSAL_CATEGORY, is_proposal, proposal_category_ids
 from ..errors import SeganyError
-from ..mask_formats import record_coco_rle
 from ..masks import check_rle, coco_bbox, coco_to_rle
+from ..masks.formats import record_coco_rle
 from .export import file_name
 from .library import ImageLibrary
 from .store import ImportedObject, NewObject, ProjectStore, StoredImage

@@ -1,5 +1,8 @@
 """Mask utilities for automatic mask generation: NMS, boxes, crops, point grids and RLE.
 
+The files they are written to (SA-1B JSON, COCO instances, ``amg.py`` PNG folders) are
+:mod:`segany.masks.formats`.
+
 Conventions used throughout:
 
 * coordinates are pixels of the original image, x then y;
