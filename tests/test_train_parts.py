@@ -293,3 +293,18 @@ def test_first_round_multimask_only_for_a_single_click(box_probability, first_ro
     embedding = torch.randn(1, 256, TINY_CONFIG.embedding_size, TINY_CONFIG.embedding_size)
     step._rounds(embedding, masks, torch.Generator().manual_seed(0))
     assert calls == [*first_round, False, False]
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_trains_in_bf16_only_where_it_is_native(
+    monkeypatch, native: bool, expected: str
+) -> None:
+    from types import SimpleNamespace
+
+    from segany.train import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    config = SimpleNamespace(optim=OptimSection(precision="auto"))
+    assert trainer.training_precision(config, torch.device("cpu")) == expected
+    config = SimpleNamespace(optim=OptimSection(precision="bf16"))
+    assert trainer.training_precision(config, torch.device("cpu")) == "bf16"
