@@ -382,7 +382,11 @@ def test_training_continues_from_the_last_chunk(tmp_path: Path, shared_data: Pat
     # The high-resolution projections were trained too.
     state = load_model(checkpoint=path).state_dict()
     assert state["mask_decoder.conv_s0.weight"].abs().sum() > 0
-    path.rename(chunk)  # what gets committed between sessions
+    # What gets committed between sessions: the weights in fp16, progress kept.
+    from segany.cli import main
+
+    assert main(["weights", "convert", str(path), "--dtype", "fp16", "-o", str(chunk)]) == 0
+    assert training_progress(chunk) == training_progress(path)
 
     (tmp_path / "b").mkdir()  # another machine: no checkpoint.pt, only the weights file
     second = load_config(write_config(tmp_path / "b", shared_data, 4, chunk))

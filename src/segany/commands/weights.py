@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
+    from ..build import CONFIG_METADATA_KEY
+    from ..checkpoint import read_metadata
     from ..loading import load_model_and_config, save_model
 
     output = Path(args.output)
@@ -57,7 +59,13 @@ def _convert(args: argparse.Namespace) -> int:
     check_writable(output, "-o")
     model, config = load_model_and_config(args.model, args.checkpoint, "cpu")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    save_model(model, output, config, dtype)
+    # What else the file says of itself (e.g. a training chunk's progress) goes along.
+    extra = {
+        key: value
+        for key, value in read_metadata(args.checkpoint).items()
+        if key not in ("format", CONFIG_METADATA_KEY)
+    }
+    save_model(model, output, config, dtype, metadata=extra)
     print(f"{output} ({output.stat().st_size / 1e6:.1f} MB, {args.dtype})")
     return 0
 
