@@ -96,6 +96,7 @@ def latency(model: torch.nn.Module, repeats: int) -> dict[str, float]:
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=True,
+                    **predictor.decoder_options(),  # as the predictor decodes
                 )
 
         def decode_batch(predictor: SamPredictor = predictor) -> object:
