@@ -449,7 +449,7 @@ class TrainingProgress:
 
     def after(self, step: int, hours: float, cpu: str) -> TrainingProgress:
         cpus = self.cpus if cpu in self.cpus else [*self.cpus, cpu]
-        return TrainingProgress(step, round(self.hours + hours, 3), self.chunks + 1, cpus)
+        return TrainingProgress(step, self.hours + hours, self.chunks + 1, cpus)
 
 
 def train(
