@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent / "standins"))
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+# The fuzz suites (tests/test_fuzz_*.py) draw the same examples on every run, so that CI is
+# repeatable; SEGANY_FUZZ_RANDOM=1 draws new ones each run, to search further by hand.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("random", print_blob=True)
+settings.load_profile("random" if os.environ.get("SEGANY_FUZZ_RANDOM") else "repeatable")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

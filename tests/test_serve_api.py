@@ -932,3 +932,16 @@ def test_cli_serve_builds_the_app_and_binds_to_loopback(
     assert cli.main(["serve", str(images_dir / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("segany serve: error:") and "not a folder" in err and "\n" not in err
+
+
+def test_patch_with_null_mask_or_source_keeps_them(client) -> None:
+    """Found by tests/test_fuzz_api.py: ``"mask": null`` in a PATCH gave a 500."""
+    mask = rectangle(120, 160, 10, 20, 50, 40)
+    obj = client.post("/api/images/1/objects", json={"mask": encode(mask)}).json()
+    changed = client.patch(
+        f"/api/objects/{obj['id']}",
+        json={"mask": None, "source": None, "label": "box", "score": None},
+    )
+    assert changed.status_code == 200
+    assert changed.json()["mask"] == obj["mask"] and changed.json()["source"] == obj["source"]
+    assert changed.json()["label"] == "box"

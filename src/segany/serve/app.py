@@ -668,8 +668,9 @@ def update_object(
     if body.mask is not None:
         image = _image(project, project.store.object(object_id).image_id)
         changes.update(_mask_fields(body.mask, image))
-    if changes.get("source") is None:
-        changes.pop("source", None)
+    for required in ("source", "mask"):  # an object always has these: null changes nothing
+        if changes.get(required) is None:
+            changes.pop(required, None)
     stored = project.store.update_object(object_id, changes, expected)
     return _object_out(stored, response)
 
