@@ -329,25 +329,29 @@ class MaskDecoder(nn.Module):
         first, norm, act1, second, act2 = self.output_upscaling
         height, width = size
         first_rows, second_rows = _kernel_rows(first), _kernel_rows(second)
+        # Shared high-resolution features are laid out for the passes once, not per set.
+        shared = high_res is not None and all(f.shape[0] == 1 for f in high_res)
+        layout = _kernel_row_layout(high_res, 0) if shared else None
         masks = []
         for index, (features, weights) in enumerate(zip(src, hyper_in, strict=True)):
             if wanted is not None and not wanted[index]:
                 shape = (weights.shape[0], 4 * height, 4 * width)
                 masks.append(features.new_full(shape, float("-inf")))
                 continue
-            fine, medium = (None, None) if high_res is None else _image_of(high_res, index)
+            if high_res is not None and not shared:
+                layout = _kernel_row_layout(high_res, index)
             rows = []
             for i, (w1, b1) in enumerate(first_rows):
                 x = F.linear(features, w1, b1).view(-1, w1.shape[0] // 2)  # pixels (y, x, j)
-                if medium is not None:  # rows 2y + i of the 1/2-upscaled grid
-                    x = x + _rows_as_pixels(medium, i, 2)
+                if layout is not None:  # rows 2y + i of the 1/2-upscaled grid
+                    x = x + layout[1][i]
                 x = _activate(
                     act1, F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
                 )
                 for i2, (w2, b2) in enumerate(second_rows):
                     upscaled = F.linear(x, w2, b2).view(-1, w2.shape[0] // 2)
-                    if fine is not None:  # rows 4y + 2i + i2 of the full-size grid
-                        upscaled = upscaled + _rows_as_pixels(fine, 2 * i + i2, 4)
+                    if layout is not None:  # rows 4y + 2i + i2 of the full-size grid
+                        upscaled = upscaled + layout[0][2 * i + i2]
                     upscaled = _activate(act2, upscaled)
                     rows.append(F.linear(weights, upscaled).view(-1, height, 4 * width))
             # rows[2i + i2] holds mask rows 4y + 2i + i2.
@@ -364,10 +368,17 @@ def _chunk_of(
     return [f if f.shape[0] == 1 else f[start : start + count] for f in features]
 
 
-def _image_of(features: list[torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fine, medium) high-resolution features (C, H, W) of prompt set ``index``."""
+def _kernel_row_layout(
+    features: list[torch.Tensor], index: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompt set ``index``'s (fine, medium) high-resolution features in the pixel layout
+    of the upscaling's kernel-row passes: fine rows 4y + p for p = 0..3, medium rows
+    2y + i for i = 0, 1, each (pixels, C)."""
     fine, medium = (f[0] if f.shape[0] == 1 else f[index] for f in features)
-    return fine, medium
+    return (
+        [_rows_as_pixels(fine, phase, 4) for phase in range(4)],
+        [_rows_as_pixels(medium, phase, 2) for phase in range(2)],
+    )
 
 
 def _rows_as_pixels(features: torch.Tensor, phase: int, every: int) -> torch.Tensor:
