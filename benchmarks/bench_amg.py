@@ -80,9 +80,8 @@ def predicted_ious(model: torch.nn.Module, image: np.ndarray, points: int) -> to
     generator = SamAutomaticMaskGenerator(model, points_per_side=points, precision="fp32")
     generator.predictor.set_image(image)
     grid = generator.point_grids[0] * np.array(image.shape[1::-1])
-    image_pe = model.prompt_encoder.get_dense_pe()
     with torch.no_grad():
-        return generator._decode(grid, image.shape[:2], image_pe)[1]
+        return generator._decode(grid, image.shape[:2])[1]
 
 
 def shift_ious(models: list[torch.nn.Module], shift: float) -> None:
@@ -93,32 +92,46 @@ def shift_ious(models: list[torch.nn.Module], shift: float) -> None:
 
 
 class Stopwatch:
-    """Accumulated seconds spent inside calls to a module (forward hooks)."""
+    """Accumulated seconds spent inside calls of ``owner.name`` (wrapped on the instance
+    until :meth:`stop`)."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, owner: Any, name: str) -> None:
         self.seconds = 0.0
-        self._start = 0.0
-        module.register_forward_pre_hook(self._enter)
-        module.register_forward_hook(self._exit)
+        self._owner, self._name = owner, name
+        call = getattr(owner, name)
 
-    def _enter(self, *_: Any) -> None:
-        self._start = time.perf_counter()
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
 
-    def _exit(self, *_: Any) -> None:
-        self.seconds += time.perf_counter() - self._start
+        setattr(owner, name, timed)
+
+    def stop(self) -> None:
+        delattr(self._owner, self._name)
+
+
+def timed_parts(generator: Any) -> tuple[Stopwatch, Stopwatch]:
+    """Stopwatches on the generator's image encoding and mask decoding: segany's
+    inference layer, or the official model's two modules."""
+    inference = getattr(generator.predictor, "inference", None)
+    if inference is not None:
+        return Stopwatch(inference, "encode"), Stopwatch(inference, "decode")
+    model = generator.predictor.model
+    return Stopwatch(model.image_encoder, "forward"), Stopwatch(model.mask_decoder, "forward")
 
 
 def timed_run(generator: Any, image: np.ndarray) -> dict[str, float]:
     """Seconds for one generate(): total, in the image encoder, in the mask decoder, and
     the rest (prompt grid, upscaling, scores, NMS, RLE); plus the number of masks."""
-    model = generator.predictor.model
-    encoder, decoder = Stopwatch(model.image_encoder), Stopwatch(model.mask_decoder)
+    encoder, decoder = timed_parts(generator)
     start = time.perf_counter()
     masks = generator.generate(image)
     total = time.perf_counter() - start
-    for module in (model.image_encoder, model.mask_decoder):
-        module._forward_pre_hooks.clear()
-        module._forward_hooks.clear()
+    for stopwatch in (encoder, decoder):
+        stopwatch.stop()
     rest = total - encoder.seconds - decoder.seconds
     return {"total": total, "encoder": encoder.seconds, "decoder": decoder.seconds,
             "rest": rest, "masks": len(masks)}  # fmt: skip

@@ -32,7 +32,7 @@ import torch
 from segany.build import load_model
 from segany.data import load_dataset
 from segany.evaluate import evaluate, grabcut, iou, mask_box
-from segany.precision import cpu_name
+from segany.inference.precision import cpu_name
 from segany.predictor import SamPredictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -79,25 +79,15 @@ def latency(model: torch.nn.Module, repeats: int) -> dict[str, float]:
         def encode(predictor: SamPredictor = predictor) -> object:
             # The predictor's encoder call: with the high-resolution features, if any.
             with torch.no_grad():
-                return predictor.precision.encode(predictor._encoder, image)
+                return predictor.inference.encode(image)
 
         def decode(
             predictor: SamPredictor = predictor,
             points: tuple[torch.Tensor, torch.Tensor] = (coords, point_labels),
         ) -> object:
-            # The decoder alone: prompt encoder + mask decoder (low-res masks).
-            precision = predictor.precision
-            with torch.no_grad(), precision.decoder():
-                sparse, dense = model.prompt_encoder(points, None, None)
-                return precision.decode(
-                    model.mask_decoder,
-                    **predictor.decoder_image_inputs(),
-                    image_pe=predictor.decoder_image_pe(),
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=True,
-                    **predictor.decoder_options(),  # as the predictor decodes
-                )
+            # The decoder alone: prompt encoder + mask decoder (low-res masks), as the
+            # predictor decodes.
+            return predictor.decode_low_res(0, points, multimask_output=True)
 
         def decode_batch(predictor: SamPredictor = predictor) -> object:
             # The automatic generator's way: many prompt sets share one embedding.

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "standins"), str(ROOT / "tests"), str(ROOT / "src")]
 sys.path.insert(3, str(ROOT / "benchmarks"))
 
-from bench_amg import Stopwatch, predicted_ious, shift_ious  # noqa: E402
+from bench_amg import predicted_ious, shift_ious, timed_parts  # noqa: E402
 from reference import (  # noqa: E402
     CONFIGS,
     build_official,
@@ -266,13 +266,12 @@ def time_generators(
     records: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeats):
         for name, generator in generators.items():
-            model = generator.predictor.model
-            encoder = Stopwatch(model.image_encoder)
+            encoder, decoder = timed_parts(generator)
             start = time.perf_counter()
             records[name] = generator.generate(image)
             total = time.perf_counter() - start
-            model.image_encoder._forward_pre_hooks.clear()
-            model.image_encoder._forward_hooks.clear()
+            encoder.stop()
+            decoder.stop()
             times[name].append((total, total - encoder.seconds))
     reference = records[OFFICIAL]
     rows = []
@@ -331,7 +330,7 @@ def memory_child(impl: str, name: str, precision: str) -> None:
     else:
         model = randomize_(build_sam_from_config(config), 0)
         predictor = SamPredictor(model, precision=precision)
-        embed = lambda x: predictor.precision.encode(model.image_encoder, x)  # noqa: E731
+        embed = predictor.inference.encode
     image = torch.randn(1, 3, config.img_size, config.img_size)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current size
     before = _rss_bytes("VmRSS")

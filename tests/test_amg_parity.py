@@ -29,9 +29,9 @@ from segany.amg_options import AmgOptions
 from segany.automatic_mask_generator import SamAutomaticMaskGenerator, upscale_logits
 from segany.build import SamConfig, ViTEncoderConfig, build_sam_from_config
 from segany.errors import SeganyError
+from segany.inference.mask_decoder import FastMaskDecoder
 from segany.masks import rle_to_mask
 from segany.modeling import Sam
-from segany.modeling.mask_decoder import MaskDecoder
 
 IMG_SIZE = 256  # model input side: 16x16 embedding, 64x64 low-res masks
 
@@ -296,20 +296,20 @@ def test_prompts_failing_the_iou_filter_skip_upscaling(monkeypatch: pytest.Monke
     probe.predictor.set_image(image)
     grid = probe.point_grids[0] * np.array(image.shape[1::-1])
     with torch.no_grad():
-        ious = probe._decode(grid, image.shape[:2], ours_model.prompt_encoder.get_dense_pe())[1]
+        ious = probe._decode(grid, image.shape[:2])[1]
     # Halfway between two predicted IoUs near the median of the prompts' best ones, so that
     # float rounding (~1e-7 between the implementations) cannot move a mask across it.
     values = ious.flatten().sort().values
     above = int(torch.searchsorted(values, ious.max(dim=1).values.median()))
     threshold = float(values[above - 1] + values[above]) / 2
     wanted_flags: list[bool] = []
-    original = MaskDecoder._masks
+    original = FastMaskDecoder._masks
 
     def spy(self, src, hyper_in, size, wanted=None, *rest):
         wanted_flags.extend(wanted or [])
         return original(self, src, hyper_in, size, wanted, *rest)
 
-    monkeypatch.setattr(MaskDecoder, "_masks", spy)
+    monkeypatch.setattr(FastMaskDecoder, "_masks", spy)
     options = {"points_per_side": 6, "pred_iou_thresh": threshold,
                "stability_score_thresh": 0.0, "box_nms_thresh": 1.0,
                "output_mode": "uncompressed_rle"}  # fmt: skip

@@ -32,14 +32,16 @@ ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 # the core. Layers of equal rank may not import each other.
 CORE = "core"
 LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "errors": (-1, ("segany.errors",)),  # the error type every layer above the model raises
     "modeling": (0, ("segany.modeling",)),
-    CORE: (1, ()),
-    "data": (2, ("segany.data",)),
-    "evaluate": (3, ("segany.evaluate",)),
-    "train": (3, ("segany.train",)),
-    "engine": (4, ("segany.engine",)),
-    "serve": (5, ("segany.serve",)),
-    "entry points": (6, ("segany.commands", "segany.cli", "segany.demo")),
+    "inference": (1, ("segany.inference",)),
+    CORE: (2, ()),
+    "data": (3, ("segany.data",)),
+    "evaluate": (4, ("segany.evaluate",)),
+    "train": (4, ("segany.train",)),
+    "engine": (5, ("segany.engine",)),
+    "serve": (6, ("segany.serve",)),
+    "entry points": (7, ("segany.commands", "segany.cli", "segany.demo")),
 }
 
 # Old import paths of moved names: a module-level ``__getattr__`` (PEP 562) that finds
@@ -338,7 +340,8 @@ def test_a_modeling_import_from_above_is_caught() -> None:
 @pytest.mark.parametrize(
     ("module", "target"),
     [
-        ("segany.modeling.sam", "segany.errors"),  # model -> core
+        ("segany.modeling.sam", "segany.inference.model"),  # model -> inference
+        ("segany.modeling.sam", "segany.predictor"),  # model -> core
         ("segany.modeling.sam", "segany.serve.app"),
         ("segany.predictor", "segany.commands.segment"),  # core -> entry points
         ("segany.predictor", "segany.serve.app"),  # core -> tools
@@ -346,7 +349,10 @@ def test_a_modeling_import_from_above_is_caught() -> None:
         ("segany.build", "segany.train.trainer"),
         ("segany.masks", "segany.evaluate"),
         ("segany.images", "segany.data.base"),  # core -> data
-        ("segany.inference.prepared", "segany.data"),  # a new top-level package is core
+        ("segany.inference.model", "segany.predictor"),  # inference -> core
+        ("segany.inference.model", "segany.data"),
+        ("segany.hooks", "segany.data"),  # a new top-level package is core
+        ("segany.errors", "segany.modeling"),
         ("segany.data.coco", "segany.serve.importer"),  # data -> tools
         ("segany.data.coco", "segany.engine.propose"),
         ("segany.data.base", "segany.train.config"),
@@ -369,6 +375,10 @@ def test_an_upward_import_is_caught(module: str, target: str) -> None:
     [
         ("segany.predictor", "segany.modeling.sam"),
         ("segany.predictor", "segany.precision"),
+        ("segany.predictor", "segany.inference.model"),
+        ("segany.inference.model", "segany.modeling.sam"),
+        ("segany.inference.precision", "segany.errors"),
+        ("segany.predictor", "segany.errors"),
         ("segany.data.base", "segany.images"),
         ("segany.evaluate", "segany.data"),
         ("segany.train.trainer", "segany.modeling"),

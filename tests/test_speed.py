@@ -19,15 +19,18 @@ from PIL import Image
 from reference import make_model_pair
 
 from segany import SamAutomaticMaskGenerator, SamPredictor, SeganyError
-from segany import predictor as predictor_module
 from segany.build import build_sam
 from segany.cli import main
 from segany.commands import eval as eval_command
 from segany.commands import everything, segment
+from segany.inference import model as inference_model
+from segany.inference.attention import fold_image_projection
+from segany.inference.mask_decoder import FastMaskDecoder
+from segany.inference.model import InferenceModel
+from segany.inference.postprocess import upscale_logits_fast
+from segany.inference.precision import cpu_has_native_bf16, resolve_precision
 from segany.modeling import image_encoder
-from segany.modeling.sam import upscale_logits_fast
 from segany.modeling.transformer import Attention
-from segany.precision import cpu_has_native_bf16, resolve_precision
 
 ATOL = 1e-4
 CPU = torch.device("cpu")
@@ -179,10 +182,11 @@ def test_fp16_overflow_falls_back() -> None:
 # -------------------------------------------------------------------------------------
 
 
-def _set_folding(model: torch.nn.Module, fold: bool | None) -> None:
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fold_projections = fold
+def _fast_decoder(model: torch.nn.Module, fold: bool | None = None) -> FastMaskDecoder:
+    """The inference layer's decoder of ``model`` in float32, attention forms ``fold``."""
+    fast = InferenceModel(model, resolve_precision("fp32", CPU), fold=fold).fast_decoder
+    assert fast is not None
+    return fast
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +200,10 @@ def test_batched_decoder_equals_official_per_prompt(
     decoder_pair, fold: bool | None, prompt: str
 ) -> None:
     """B prompt sets on one embedding in one call (the generator's batch) equal the official
-    decoder on each set alone, whichever form the attention takes."""
+    decoder on each set alone, whichever form the attention takes; so does the plain
+    decoder of ``modeling/`` (what training and export run)."""
     ours, official = decoder_pair
-    _set_folding(ours, fold)
+    fast = _fast_decoder(ours, fold)
     g = torch.Generator().manual_seed(0)
     batch = 6
     embedding = torch.randn((1, 256, 64, 64), generator=g)
@@ -213,13 +218,19 @@ def test_batched_decoder_equals_official_per_prompt(
     with torch.no_grad():
         sparse, dense = ours.prompt_encoder(**inputs)
         pe = ours.prompt_encoder.get_dense_pe()
-        got_masks, got_iou = ours.mask_decoder(embedding, pe, sparse, dense, True)
+        decodes = [
+            fast.decode(embedding, sparse, dense, True),
+            ours.mask_decoder(embedding, pe, sparse, dense, True),
+        ]
+        if prompt != "mask":  # against the image prepared once, as the predictor decodes
+            decodes.append(fast.decode_image(fast.prepare_image(embedding), sparse, True))
         for row in range(batch):
             one = {k: None if v is None else _row(v, row) for k, v in inputs.items()}
             ref_sparse, ref_dense = official.prompt_encoder(**one)
             ref_masks, ref_iou = official.mask_decoder(embedding, pe, ref_sparse, ref_dense, True)
-            torch.testing.assert_close(got_masks[row : row + 1], ref_masks, atol=ATOL, rtol=0)
-            torch.testing.assert_close(got_iou[row : row + 1], ref_iou, atol=ATOL, rtol=0)
+            for got_masks, got_iou in decodes:
+                torch.testing.assert_close(got_masks[row : row + 1], ref_masks, atol=ATOL, rtol=0)
+                torch.testing.assert_close(got_iou[row : row + 1], ref_iou, atol=ATOL, rtol=0)
 
 
 def _row(value, row: int):
@@ -243,9 +254,12 @@ def test_per_set_embeddings_equal_official(decoder_pair) -> None:
         ]
         expected_masks = torch.cat([e[0] for e in expected])
         expected_iou = torch.cat([e[1] for e in expected])
-        for fold in (True, False):
-            _set_folding(ours, fold)
-            got_masks, got_iou = ours.mask_decoder(embeddings, pe, sparse, dense, False)
+        decodes = [ours.mask_decoder(embeddings, pe, sparse, dense, False)]
+        decodes += [
+            _fast_decoder(ours, fold).decode(embeddings, sparse, dense, False)
+            for fold in (True, False)
+        ]
+        for got_masks, got_iou in decodes:
             torch.testing.assert_close(got_masks, expected_masks, atol=ATOL, rtol=0)
             torch.testing.assert_close(got_iou, expected_iou, atol=ATOL, rtol=0)
 
@@ -261,89 +275,117 @@ def _random_decoder_inputs(model, seed: int, sets: int, points: int):
     return embedding, model.prompt_encoder.get_dense_pe(), sparse, dense
 
 
-def _decode_both(ours, official, seed: int):
-    embedding, pe, sparse, dense = _random_decoder_inputs(ours, seed, sets=2, points=3)
-    got = ours.mask_decoder(embedding, pe, sparse, dense, True)
-    expected = official.mask_decoder(embedding, pe, sparse[:1], dense[:1], True)
-    return got, expected
+def test_sam2_decoder_options_equal_the_model() -> None:
+    """A decoder with SAM 2's options (object-score token, IoU through a sigmoid, the
+    single mask chosen by stability) decodes in the inference layer as in ``modeling/``
+    (which tests/test_sam2_image.py holds to Meta's)."""
+    from segany.modeling.mask_decoder import MaskDecoder, stability_scores
+
+    model, _ = make_model_pair("tiny", seed=3)
+    old = model.mask_decoder
+    model.mask_decoder = MaskDecoder(
+        transformer_dim=256,
+        transformer=old.transformer,
+        pred_obj_scores=True,
+        pred_obj_scores_mlp=True,
+        iou_prediction_use_sigmoid=True,
+        dynamic_multimask_via_stability=True,
+    ).eval()
+    fast = _fast_decoder(model)
+    with torch.no_grad():
+        embedding, pe, sparse, dense = _random_decoder_inputs(model, 4, sets=6, points=1)
+        single = model.mask_decoder.predict_masks(embedding, pe, sparse, dense)[0][:, 0]
+        stability = stability_scores(single, model.mask_decoder.dynamic_multimask_stability_delta)
+        # A threshold that random weights' masks straddle: some sets keep the single mask.
+        model.mask_decoder.dynamic_multimask_stability_thresh = float(stability.median())
+        assert 0 < int((stability >= stability.median()).sum()) < 6
+        for multimask in (True, False):
+            expected = model.mask_decoder(embedding, pe, sparse, dense, multimask)
+            decodes = [
+                fast.decode(embedding, sparse, dense, multimask),
+                fast.decode_image(fast.prepare_image(embedding), sparse, multimask),
+            ]
+            for got in decodes:
+                for value, reference in zip(got, expected, strict=True):
+                    torch.testing.assert_close(value, reference, atol=ATOL, rtol=0)
 
 
 def test_min_iou_skips_only_sets_without_a_passing_mask(decoder_pair) -> None:
     """Sets with a returned mask over min_iou get exactly the masks of a full decode; the
     others get -inf logits and their IoU predictions all the same."""
     ours, _ = decoder_pair
+    fast = _fast_decoder(ours)
     with torch.no_grad():
-        embedding, pe, sparse, dense = _random_decoder_inputs(ours, 12, sets=8, points=2)
-        full_masks, full_iou = ours.mask_decoder(embedding, pe, sparse, dense, True)
+        embedding, _, sparse, dense = _random_decoder_inputs(ours, 12, sets=8, points=2)
+        full_masks, full_iou = fast.decode(embedding, sparse, dense, True)
         best = full_iou.max(dim=1).values
         threshold = float(best.median())
-        masks, iou = ours.mask_decoder(embedding, pe, sparse, dense, True, min_iou=threshold)
-    torch.testing.assert_close(iou, full_iou, atol=0, rtol=0)
-    kept = best > threshold
-    assert 0 < int(kept.sum()) < 8
-    torch.testing.assert_close(masks[kept], full_masks[kept], atol=0, rtol=0)
-    assert bool((masks[~kept] == float("-inf")).all())
+        masks, iou = fast.decode(embedding, sparse, dense, True, min_iou=threshold)
+        image = fast.prepare_image(embedding)
+        image_masks, image_iou = fast.decode_image(image, sparse, True, min_iou=threshold)
+    for got_masks, got_iou in ((masks, iou), (image_masks, image_iou)):
+        torch.testing.assert_close(got_iou, full_iou, atol=ATOL, rtol=0)
+        kept = best > threshold
+        assert 0 < int(kept.sum()) < 8
+        torch.testing.assert_close(got_masks[kept], full_masks[kept], atol=ATOL, rtol=0)
+        assert bool((got_masks[~kept] == float("-inf")).all())
 
 
-def _spy_prepare_image(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records the ``project`` flag of each TwoWayTransformer.prepare_image call."""
-    from segany.modeling.transformer import TwoWayTransformer
-
-    prepared: list[bool] = []
-    original = TwoWayTransformer.prepare_image
+def _count_prepared_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records each image side the inference layer prepares (FastMaskDecoder.prepare_image)."""
+    prepared: list[int] = []
+    original = FastMaskDecoder.prepare_image
 
     def spy(self, *args, **kwargs):
-        prepared.append(kwargs.get("project", args[2] if len(args) > 2 else True))
+        prepared.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(TwoWayTransformer, "prepare_image", spy)
+    monkeypatch.setattr(FastMaskDecoder, "prepare_image", spy)
     return prepared
 
 
-def test_kept_image_side_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decodes with keep_image against one image reuse its prepared side (projections
-    made once); a decode equals the official decoder after the embedding is edited in
-    place or replaced by a new tensor at the same address, and after the projection
-    weights or the no-mask embedding change."""
+def test_image_side_lives_until_the_image_or_weights_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The predictor prepares an image's side on its first decode and keeps it for the
+    next clicks; it is made again after the embedding is assigned, the image reset, a
+    projection weight or the no-mask embedding edited in place, and then decodes equal
+    the official predictor's."""
     ours, official = make_model_pair("tiny", seed=10)
-    prepared = _spy_prepare_image(monkeypatch)
+    prepared = _count_prepared_images(monkeypatch)
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    predictor, reference = SamPredictor(ours, precision="fp32"), _official_predictor(official)
+    predictor.set_image(image)
+    reference.set_image(image)
 
-    def check(embedding: torch.Tensor, seed: int) -> None:
-        _, pe, sparse, dense = _random_decoder_inputs(ours, seed, sets=1, points=2)
-        got = ours.mask_decoder(embedding[:1], pe, sparse, dense, True, keep_image=True)
-        expected = official.mask_decoder(embedding[:1], pe, sparse, dense, True)
-        for value, reference in zip(got, expected, strict=True):
-            torch.testing.assert_close(value, reference, atol=ATOL, rtol=0)
+    def check(seed: int) -> None:
+        click = {"point_coords": np.random.default_rng(seed).uniform(0, 40, (2, 2)),
+                 "point_labels": np.array([1, 0])}  # fmt: skip
+        for got, expected in zip(predictor.predict(**click), reference.predict(**click)):
+            np.testing.assert_allclose(got, expected, atol=ATOL)
 
-    first = "transformer.layers.0.cross_attn_token_to_image.k_proj.weight"
-    final = "transformer.final_attn_token_to_image.k_proj.weight"  # its encoding term
     with torch.no_grad():
-        embedding = torch.randn((1, 256, 64, 64))
         for seed in range(3):
-            check(embedding, seed)
-        assert prepared == [True]
-        embedding.mul_(-1.5)
-        check(embedding, 3)
-        # The same memory under a new tensor, its values changed behind torch's back.
-        array = np.random.default_rng(0).standard_normal((1, 256, 64, 64), dtype=np.float32)
-        check(torch.from_numpy(array), 4)
-        array *= -2.0
-        check(torch.from_numpy(array), 5)
-        assert len(prepared) == 4
-        check(embedding, 6)
-        for seed, name in enumerate((first, final), start=7):
+            check(seed)
+        assert len(prepared) == 1
+        embedding = torch.randn_like(reference.features)
+        predictor.features = reference.features = embedding
+        check(3)
+        assert len(prepared) == 2
+        first = "transformer.layers.0.cross_attn_token_to_image.k_proj.weight"
+        final = "transformer.final_attn_token_to_image.k_proj.weight"  # its encoding term
+        for seed, name in enumerate((first, final), start=4):
             for model in (ours, official):
                 model.mask_decoder.get_parameter(name).mul_(0.5)
-            check(embedding, seed)
+            check(seed)
         for model in (ours, official):
             model.prompt_encoder.no_mask_embed.weight.add_(0.25)
-        check(embedding, 9)
-        assert len(prepared) == 8
-        # Without keep_image (the official API's call) nothing is projected or kept.
-        _, pe, sparse, dense = _random_decoder_inputs(ours, 10, sets=1, points=2)
-        for _ in range(2):
-            ours.mask_decoder(embedding, pe, sparse, dense, True)
-        assert prepared[8:] == [False, False]
+        check(6)
+        assert len(prepared) == 5
+        predictor.set_image(image)
+        reference.set_image(image)
+        check(7)
+        assert len(prepared) == 6
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -351,90 +393,139 @@ def test_predictor_and_generator_keep_the_image_side(
     monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     """The predictor's clicks and the generator's batches on one image prepare its side
-    once (the bf16 decoder copy keeps its own)."""
+    once."""
     model, _ = make_model_pair("tiny", seed=11)
-    prepared = _spy_prepare_image(monkeypatch)
+    prepared = _count_prepared_images(monkeypatch)
     image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     predictor = SamPredictor(model, precision=precision)
     predictor.set_image(image)
     for x in (10, 20, 30):
         predictor.predict(point_coords=np.array([[x, 20]]), point_labels=np.array([1]))
-    assert prepared == [True]
+    assert len(prepared) == 1
     generator = SamAutomaticMaskGenerator(
         model, precision=precision, points_per_side=8, points_per_batch=16
     )
     generator.generate(image)
-    assert prepared == [True, True]
+    assert len(prepared) == 2
 
 
-def test_model_with_a_kept_image_side_pickles_and_copies() -> None:
-    """A model used by a predictor can still be saved, sent to a worker or copied; the
-    kept image side stays behind (it holds weak references)."""
+def _instance_state(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each module's own attributes (its ``__dict__`` keys, parameters and buffers)."""
+    return {
+        name: sorted([*vars(module), *module._parameters, *module._buffers])
+        for name, module in model.named_modules()
+    }
+
+
+def test_the_model_stays_stateless() -> None:
+    """Inference leaves nothing on the model's modules (everything it prepares lives in
+    the inference layer's objects): their attributes are those they were built with, and
+    the model pickles and copies to the same predictions."""
     import copy
     import pickle
 
-    model, _ = make_model_pair("tiny", seed=12)
+    model = build_sam("default")  # the decoder with high-resolution features, BatchNorm
+    before = _instance_state(model)
+    for precision in ("fp32", "bf16"):
+        predictor = SamPredictor(model, precision=precision)
+        predictor.set_image(np.zeros((40, 50, 3), np.uint8))
+        predictor.predict(point_coords=np.array([[5, 5]]), point_labels=np.array([1]))
+        SamAutomaticMaskGenerator(model, precision=precision, points_per_side=4).generate(
+            np.zeros((40, 50, 3), np.uint8)
+        )
+    assert _instance_state(model) == before
+    click = {"point_coords": np.array([[5, 5]]), "point_labels": np.array([1])}
     predictor = SamPredictor(model, precision="fp32")
     predictor.set_image(np.zeros((40, 50, 3), np.uint8))
-    click = {"point_coords": np.array([[5, 5]]), "point_labels": np.array([1])}
     expected = predictor.predict(**click)[2]
-    assert model.mask_decoder._image_cache is not None
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
-        assert clone.mask_decoder._image_cache is None
         again = SamPredictor(clone, precision="fp32")
         again.set_image(np.zeros((40, 50, 3), np.uint8))
         np.testing.assert_allclose(again.predict(**click)[2], expected, atol=1e-5)
 
 
-def test_hypernetworks_follow_weight_changes() -> None:
-    """The stacked hypernetwork weights kept between calls are rebuilt after the weights
-    change in place (as an optimiser step does), and gradients reach the parameters."""
+def test_prepared_decoder_follows_weight_changes() -> None:
+    """The stacked hypernetworks (and all the prepared decoder) are made again after the
+    weights change in place (as an optimiser step does); gradients reach the parameters
+    through the model itself."""
     ours, official = make_model_pair("tiny", seed=9)
+    inference = InferenceModel(ours, resolve_precision("fp32", CPU))
     for step in range(2):
+        embedding = _random_decoder_inputs(ours, step, sets=2, points=3)[0]
+        points = (torch.rand((2, 3, 2), generator=torch.Generator().manual_seed(step)) * 1024,
+                  torch.ones(2, 3, dtype=torch.int))  # fmt: skip
         with torch.no_grad():
-            (masks, iou), (expected_masks, expected_iou) = _decode_both(ours, official, step)
-        torch.testing.assert_close(masks[:1], expected_masks, atol=ATOL, rtol=0)
-        torch.testing.assert_close(iou[:1], expected_iou, atol=ATOL, rtol=0)
+            masks, iou = inference.decode(embedding, points, None, None, True)
+            sparse, dense = official.prompt_encoder(points=points, boxes=None, masks=None)
+            pe = official.prompt_encoder.get_dense_pe()
+            expected_masks, expected_iou = official.mask_decoder(embedding, pe, sparse, dense, True)
+        torch.testing.assert_close(masks, expected_masks, atol=ATOL, rtol=0)
+        torch.testing.assert_close(iou, expected_iou, atol=ATOL, rtol=0)
         for model in (ours, official):
             with torch.no_grad():
                 for mlp in model.mask_decoder.output_hypernetworks_mlps:
                     mlp.layers[0].weight.mul_(-2.0)
-    (masks, _), _ = _decode_both(ours, official, 5)
+    embedding, pe, sparse, dense = _random_decoder_inputs(ours, 5, sets=2, points=3)
+    masks, _ = ours.mask_decoder(embedding, pe, sparse, dense, True)
     masks.square().mean().backward()
     for mlp in ours.mask_decoder.output_hypernetworks_mlps[1:]:
         assert mlp.layers[0].weight.grad is not None and mlp.layers[2].bias.grad.abs().sum() > 0
 
 
 def test_cast_copy_follows_the_module() -> None:
-    """The bfloat16 decoder copy is remade after an in-place change, a replaced parameter
-    and a replaced submodule; compared with the live weights cast anew."""
-    from segany.precision import _cast_copy
-
-    decoder = make_model_pair("tiny", seed=8)[0].mask_decoder
+    """The bfloat16 decoder copy is made again after an in-place change (at the next
+    decode), a replaced parameter and a replaced submodule (when the next image is set);
+    compared with the live weights cast anew."""
+    model = make_model_pair("tiny", seed=8)[0]
+    inference = InferenceModel(model, resolve_precision("bf16", CPU))
+    decoder = model.mask_decoder
 
     def check() -> None:
-        copy = _cast_copy(decoder, torch.bfloat16)
         for (name, ours), (_, cast) in zip(
-            decoder.state_dict().items(), copy.state_dict().items(), strict=True
+            decoder.state_dict().items(), inference.mask_decoder.state_dict().items(), strict=True
         ):
+            assert cast.dtype == torch.bfloat16
             assert torch.equal(cast, ours.to(torch.bfloat16)), name
 
     check()
     with torch.no_grad():
         decoder.iou_token.weight.add_(1.0)
+    inference.prepare_image(torch.zeros(1, 256, 64, 64, dtype=torch.bfloat16))
     check()
     decoder.iou_token.weight = torch.nn.Parameter(torch.randn(1, 256))
+    assert inference.refresh()
     check()
     decoder.output_hypernetworks_mlps[2].layers[1] = torch.nn.Linear(256, 256)
+    assert inference.refresh() and not inference.refresh()
     check()
+
+
+def test_batchnorm_folding_equals_the_model() -> None:
+    """The folded encoder copy computes the model's encoder (BatchNorm in eval mode) and
+    shares its other weights; a weight change reaches it after a refresh."""
+    model = build_sam("default").eval()
+    inference = InferenceModel(model, resolve_precision("fp32", CPU))
+    assert inference.encoder is not model.image_encoder
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inference.encoder.modules())
+    images = torch.randn((1, 3, 512, 512), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(2):
+            expected, _ = model.encode_image(images)
+            got, _ = inference.encode(images)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            norm = next(
+                m for m in model.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)
+            )
+            norm.running_var.mul_(2.0)
+            assert inference.refresh()
 
 
 def test_cost_model_picks_shared_projection_for_big_batches() -> None:
     attention = Attention(256, 8, downsample_rate=2)
-    assert attention._fold_image_projection(batch=1, image_batch=1, tokens=7)
-    assert not attention._fold_image_projection(batch=64, image_batch=1, tokens=7)
-    assert attention._fold_image_projection(batch=64, image_batch=64, tokens=7)
-    assert not attention._fold_image_projection(batch=1, image_batch=1, tokens=40)
+    assert fold_image_projection(attention, batch=1, image_batch=1, tokens=7)
+    assert not fold_image_projection(attention, batch=64, image_batch=1, tokens=7)
+    assert fold_image_projection(attention, batch=64, image_batch=64, tokens=7)
+    assert not fold_image_projection(attention, batch=1, image_batch=1, tokens=40)
 
 
 # -------------------------------------------------------------------------------------
@@ -510,20 +601,17 @@ def test_fast_upscaling_equals_official_postprocessing(
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-6)
 
 
-def test_dense_positional_encoding_follows_its_matrix() -> None:
-    """The cached grid encoding equals the official one, also after the matrix changes."""
+def test_grid_encoding_follows_its_matrix() -> None:
+    """The grid encoding the inference layer keeps equals the official one, also after
+    the Fourier matrix changes in place."""
     ours, official = make_model_pair("tiny", seed=6)
+    inference = InferenceModel(ours, resolve_precision("fp32", CPU))
     for _ in range(2):
-        torch.testing.assert_close(
-            ours.prompt_encoder.get_dense_pe(), official.prompt_encoder.get_dense_pe()
-        )
+        inference.prepare_image(torch.zeros(1, 256, 64, 64))  # checks the weights
+        torch.testing.assert_close(inference.image_pe, official.prompt_encoder.get_dense_pe())
         with torch.no_grad():
             ours.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(1.5)
         official.load_state_dict(ours.state_dict())
-    with torch.inference_mode():
-        inference = ours.prompt_encoder.get_dense_pe()
-    assert not ours.prompt_encoder.get_dense_pe().is_inference()
-    assert inference.is_inference()
 
 
 # -------------------------------------------------------------------------------------
@@ -551,7 +639,7 @@ def test_compiled_encoder_matches_official(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # compiling must work here, not fall back
         predictor.set_image(image)
-    assert predictor._encoder.is_compiled
+    assert predictor.inference.encoder.is_compiled
     reference = _official_predictor(official)
     reference.set_image(image)
     embedding, expected = predictor.get_image_embedding(), reference.get_image_embedding()
@@ -615,7 +703,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[dict]:
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp32", "--compile"]])
 def test_segment_passes_precision(flags, tmp_path, image_path, checkpoint, monkeypatch) -> None:
     calls = _spy(monkeypatch, segment, "SamPredictor")
-    monkeypatch.setattr(predictor_module, "compiled", lambda module: module)  # compiling is slow
+    monkeypatch.setattr(inference_model, "compiled", lambda module: module)  # compiling is slow
     out = tmp_path / "mask.png"
     args = ["segment", str(image_path), "--point", "40,30", "--checkpoint", str(checkpoint)]
     assert main([*args, "-o", str(out), "--device", "cpu", *flags]) == 0

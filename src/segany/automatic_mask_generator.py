@@ -35,7 +35,6 @@ from segany.masks import (
     stability_score,
 )
 from segany.modeling import Sam
-from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.sam import upscale_logits
 from segany.predictor import SamPredictor
 
@@ -111,9 +110,9 @@ class SamAutomaticMaskGenerator:
         output_mode: ``binary_mask`` ((H, W) bool), ``uncompressed_rle`` or ``coco_rle``
             (pycocotools compressed RLE with str counts).
         precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16``
-            (see :mod:`segany.precision`); ``fp32`` gives the official generator's masks.
+            (see :mod:`segany.inference.precision`); ``fp32`` gives the official generator's masks.
         compile: run the image encoder through ``torch.compile`` (see
-            :mod:`segany.compilation`).
+            :mod:`segany.inference.compilation`).
     """
 
     def __init__(
@@ -236,10 +235,9 @@ class SamAutomaticMaskGenerator:
         crop_boxes, layers = generate_crop_boxes(
             image_size, self.crop_n_layers, self.crop_overlap_ratio
         )
-        image_pe = self.predictor.decoder_image_pe()  # the same for every batch
         candidates = MaskCandidates.concat(
             [
-                self._process_crop(image, crop_box, layer, image_pe)
+                self._process_crop(image, crop_box, layer)
                 for crop_box, layer in zip(crop_boxes, layers, strict=True)
             ]
         )
@@ -255,9 +253,7 @@ class SamAutomaticMaskGenerator:
             candidates = candidates.select(keep)
         return candidates
 
-    def _process_crop(
-        self, image: np.ndarray, crop_box: list[int], layer: int, image_pe: torch.Tensor
-    ) -> MaskCandidates:
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int) -> MaskCandidates:
         """Masks from one crop (half-open XYXY ``crop_box``), after NMS within the crop."""
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
@@ -266,9 +262,7 @@ class SamAutomaticMaskGenerator:
         # Grid points scaled to the crop's pixels, x then y.
         points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
         parts = [
-            self._process_batch(
-                points[start : start + self.points_per_batch], crop_box, image, image_pe
-            )
+            self._process_batch(points[start : start + self.points_per_batch], crop_box, image)
             for start in range(0, len(points), self.points_per_batch)
         ]
         self.predictor.reset_image()
@@ -290,7 +284,7 @@ class SamAutomaticMaskGenerator:
     # -- point batches ----------------------------------------------------------------
 
     def _decode(
-        self, points: np.ndarray, crop_size: tuple[int, int], image_pe: torch.Tensor
+        self, points: np.ndarray, crop_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits (B, 3, 4h, 4w) and predicted IoU (B, 3) for B single-point prompts.
 
@@ -302,29 +296,12 @@ class SamAutomaticMaskGenerator:
         # and undoing the shift (exact in float32) gives the model the same numbers.
         coords = ((coords + 0.5).float() - 0.5).to(self.predictor.device)[:, None, :]
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
-        with self.predictor.precision.decoder():
-            sparse, dense = self.model.prompt_encoder(
-                points=(coords, labels), boxes=None, masks=None
-            )
-            return self.predictor.precision.decode(
-                self.model.mask_decoder,
-                **self.predictor.decoder_image_inputs(),
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-                **self._decoder_options(),
-            )
-
-    def _decoder_options(self) -> dict[str, float | bool]:
-        """The predictor's (segany's decoder keeps the image side for the next batch), and
-        segany's decoder skips upscaling the prompts the IoU filter will drop whole (their
-        masks are most of a decode); another decoder (any official-API module) is called
-        as the official generator calls it."""
-        options = self.predictor.decoder_options()
-        if self.pred_iou_thresh > 0.0 and isinstance(self.model.mask_decoder, MaskDecoder):
-            options["min_iou"] = self.pred_iou_thresh
-        return options
+        # The generator drops masks under pred_iou_thresh anyway: the decoder skips
+        # upscaling the prompt sets with none above it (their masks are most of a decode).
+        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        return self.predictor.decode_low_res(
+            0, (coords, labels), multimask_output=True, min_iou=min_iou
+        )
 
     def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
         """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""
@@ -338,7 +315,6 @@ class SamAutomaticMaskGenerator:
         points: np.ndarray,
         crop_box: list[int],
         image: np.ndarray,
-        image_pe: torch.Tensor,
     ) -> MaskCandidates:
         """Masks for a batch of (B, 2) crop-pixel points that pass the quality filters.
 
@@ -348,7 +324,7 @@ class SamAutomaticMaskGenerator:
         """
         x0, y0, x1, y1 = crop_box
         crop_size = (y1 - y0, x1 - x0)
-        low_res, iou_preds = self._decode(points, crop_size, image_pe)
+        low_res, iou_preds = self._decode(points, crop_size)
         n_out = low_res.shape[1]
         low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)
         point_rows = torch.as_tensor(points).repeat_interleave(n_out, dim=0)

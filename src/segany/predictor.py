@@ -16,10 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from .compilation import compiled
 from .errors import SeganyError
+from .inference.mask_decoder import ImageSide
+from .inference.model import InferenceModel, uses_high_res
+from .inference.postprocess import upscale_logits_fast
+from .inference.precision import resolve_precision
 from .inputs import (
     ArrayLike,
     as_float_array,
@@ -29,10 +31,7 @@ from .inputs import (
     check_points,
 )
 from .modeling import Sam
-from .modeling.mask_decoder import MaskDecoder
 from .modeling.prompt_encoder import NOT_A_POINT
-from .modeling.sam import upscale_logits_fast
-from .precision import resolve_precision
 from .transforms import ResizeLongestSide
 
 Prediction = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -44,7 +43,7 @@ class SamPredictor:
     Args:
         sam_model: the model (on the device to run on).
         precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16``; see
-            :mod:`segany.precision`. ``fp32`` gives the official code's numbers.
+            :mod:`segany.inference.precision`. ``fp32`` gives the official code's numbers.
         compile: run the image encoder through ``torch.compile`` (slow first call; falls
             back to eager mode with a warning where compilation fails).
     """
@@ -52,11 +51,9 @@ class SamPredictor:
     def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool = False) -> None:
         self.model = sam_model
         self.precision = resolve_precision(precision, sam_model.device, sam_model)
-        encoder = _ImageFeatures(sam_model) if uses_high_res(sam_model) else sam_model.image_encoder
-        self._encoder = compiled(encoder) if compile else encoder
+        # What makes inference fast, made from the weights (again when they change).
+        self.inference = InferenceModel(sam_model, self.precision, compile)
         self.transform = ResizeLongestSide(sam_model.image_size)
-        # (the prompt encoder's encoding, its version, the decoder-ready copy)
-        self._image_pe_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.reset_image()
 
     @property
@@ -70,12 +67,13 @@ class SamPredictor:
 
     @features.setter
     def features(self, features: torch.Tensor | None) -> None:
-        # Assigned directly too (as with the official predictor): the decoder's copy must
-        # follow.
+        # Assigned directly too (as with the official predictor): the decoder's copy and
+        # the prepared image sides must follow.
         self._features = features
         self._decoder_features = (
-            None if features is None else self.precision.decoder_input(features)
+            None if features is None else self.inference.decoder_input(features)
         )
+        self._image_sides: dict[int, ImageSide | None] = {}
 
     @property
     def high_res_features(self) -> list[torch.Tensor] | None:
@@ -88,8 +86,9 @@ class SamPredictor:
     def high_res_features(self, features: list[torch.Tensor] | None) -> None:
         self._high_res = features
         self._decoder_high_res = (
-            None if features is None else [self.precision.decoder_input(f) for f in features]
+            None if features is None else [self.inference.decoder_input(f) for f in features]
         )
+        self._image_sides = {}
 
     @property
     def _low_res_size(self) -> tuple[int, int]:
@@ -97,7 +96,7 @@ class SamPredictor:
         return int(h), int(w)
 
     def reset_image(self) -> None:
-        """Forget the current image(s) and their embedding."""
+        """Forget the current image(s), their embedding and what was prepared from it."""
         self.is_image_set = False
         self.features = None
         self.high_res_features = None
@@ -131,7 +130,9 @@ class SamPredictor:
                 f"set_torch_image input must be BCHW with long side {size}, got {shape}"
             )
         self.reset_image()
-        features = self.precision.encode(self._encoder, self.model.preprocess(transformed_image))
+        self.inference.refresh()
+        embedding, high_res = self.inference.encode(self.model.preprocess(transformed_image))
+        features = embedding if high_res is None else (embedding, high_res)
         self._store(features, [tuple(original_image_size)] * shape[0], [shape[2:]] * shape[0])
 
     def set_image_batch(
@@ -142,18 +143,18 @@ class SamPredictor:
             raise SeganyError("set_image_batch needs at least one image")
         prepared = [self._prepare(image, image_format) for image in images]
         self.reset_image()
+        self.inference.refresh()
         chunks = []
         with torch.no_grad():
             for start in range(0, len(prepared), batch_size):
                 batch = torch.cat(
                     [self.model.preprocess(x) for x in prepared[start : start + batch_size]]
                 )
-                chunks.append(self.precision.encode(self._encoder, batch))
-        if isinstance(chunks[0], torch.Tensor):
-            features = torch.cat(chunks)
-        else:  # (embedding, high-resolution features) per chunk
-            embeddings, high_res = zip(*chunks, strict=True)
-            features = (torch.cat(embeddings), [torch.cat(f) for f in zip(*high_res)])
+                chunks.append(self.inference.encode(batch))
+        embeddings, high_res = zip(*chunks, strict=True)
+        features: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] = torch.cat(embeddings)
+        if high_res[0] is not None:  # (embedding, high-resolution features) per chunk
+            features = (features, [torch.cat(f) for f in zip(*high_res, strict=True)])
         self._store(
             features,
             [tuple(image.shape[:2]) for image in images],
@@ -186,6 +187,7 @@ class SamPredictor:
             raise SeganyError(f"original_size must be positive (H, W), got {original_size}")
         high_res = self._checked_high_res(high_res_features)
         self.reset_image()
+        self.inference.refresh()
         input_size = self.transform.get_preprocess_shape(height, width, self.model.image_size)
         stored = (
             features.to(self.device) if high_res is None else (features.to(self.device), high_res)
@@ -263,27 +265,22 @@ class SamPredictor:
         assert self._decoder_features is not None
         return self._decoder_features[image_index : image_index + 1]
 
-    def decoder_image_inputs(self, image_index: int = 0) -> dict[str, torch.Tensor | list]:
-        """The mask decoder's keywords for image ``image_index``: ``image_embeddings`` (see
-        :meth:`decoder_features`) and, for a decoder with high-resolution features,
-        ``high_res_features``."""
-        inputs: dict[str, torch.Tensor | list] = {
-            "image_embeddings": self.decoder_features(image_index)
-        }
-        if self._decoder_high_res is not None:
-            i = image_index
-            inputs["high_res_features"] = [f[i : i + 1] for f in self._decoder_high_res]
-        return inputs
+    def _decoder_high_res_of(self, image_index: int) -> list[torch.Tensor] | None:
+        """Image ``image_index``'s high-resolution features as the decoder reads them."""
+        if self._decoder_high_res is None:
+            return None
+        return [f[image_index : image_index + 1] for f in self._decoder_high_res]
 
-    def decoder_image_pe(self) -> torch.Tensor:
-        """The (1, C, h, w) grid positional encoding as the mask decoder takes it, kept while
-        the prompt encoder returns the same, unchanged tensor."""
-        encoding = self.model.prompt_encoder.get_dense_pe()
-        cached = self._image_pe_cache
-        if cached is None or cached[0] is not encoding or cached[1] != encoding._version:
-            cached = (encoding, encoding._version, self.precision.decoder_input(encoding))
-            self._image_pe_cache = cached
-        return cached[2]
+    def _image_side(self, image_index: int) -> ImageSide | None:
+        """Image ``image_index`` prepared for decoding (on its first decode, until
+        :meth:`reset_image` or a weight change)."""
+        side = self._image_sides.get(image_index)
+        if not self.inference.is_current(side):
+            side = self.inference.prepare_image(
+                self.decoder_features(image_index), self._decoder_high_res_of(image_index)
+            )
+            self._image_sides[image_index] = side
+        return side
 
     # -- prompts --------------------------------------------------------------
 
@@ -469,22 +466,11 @@ class SamPredictor:
         multimask_output: bool,
         return_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        assert self.features is not None
         points = None if point_coords is None else (point_coords, point_labels)
+        low_res, scores = self.decode_low_res(
+            image_index, points, boxes, mask_input, multimask_output
+        )
         with torch.no_grad():
-            with self.precision.decoder():
-                sparse, dense = self.model.prompt_encoder(
-                    points=points, boxes=boxes, masks=mask_input
-                )
-                low_res, scores = self.precision.decode(
-                    self.model.mask_decoder,
-                    **self.decoder_image_inputs(image_index),
-                    image_pe=self.decoder_image_pe(),
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=multimask_output,
-                    **self.decoder_options(),
-                )
             masks = upscale_logits_fast(
                 low_res,
                 self.model.image_size,
@@ -495,11 +481,30 @@ class SamPredictor:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res
 
-    def decoder_options(self) -> dict[str, float | bool]:
-        """Keywords for the mask decoder on decodes against the set image: segany's
-        decoder keeps what it prepares from the image for the next prompt; an
-        official-API decoder gets none (it is called as the official predictor calls it)."""
-        return {"keep_image": True} if isinstance(self.model.mask_decoder, MaskDecoder) else {}
+    def decode_low_res(
+        self,
+        image_index: int,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        min_iou: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (B, 3 or 1, 4h, 4w) and predicted IoU (B, 3 or 1), float32,
+        for prompts in the model frame (points (B, N, 2) with labels (B, N), boxes (B, 4),
+        mask logits (B, 1, 4h, 4w)) against image ``image_index``. ``min_iou``: leave the
+        masks of prompt sets with no mask above it empty (-inf), for callers that drop
+        them anyway (see :meth:`FastMaskDecoder.decode_image`)."""
+        return self.inference.decode(
+            self.decoder_features(image_index),
+            points,
+            boxes,
+            mask_input,
+            multimask_output,
+            high_res_features=self._decoder_high_res_of(image_index),
+            image=None if mask_input is not None else self._image_side(image_index),
+            min_iou=min_iou,
+        )
 
     # -- coordinate helpers ----------------------------------------------------
 
@@ -535,26 +540,6 @@ class SamPredictor:
             self._to_model_frame(coords, size),
             torch.as_tensor(labels, dtype=torch.int, device=self.device),
         )
-
-
-def uses_high_res(model: Sam) -> bool:
-    """Whether ``model``'s mask decoder also takes the image's high-resolution features
-    (SAM 2's, segany's ``default``); an official-API decoder does not."""
-    return bool(getattr(model.mask_decoder, "use_high_res_features", False))
-
-
-class _ImageFeatures(nn.Module):
-    """The encoder call of a model whose decoder takes high-resolution features:
-    (B, 3, S, S) -> (embedding, [projected 1/4 and 1/8 features])."""
-
-    def __init__(self, model: Sam) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        embedding, high_res = self.model.encode_image(images)
-        assert high_res is not None
-        return embedding, high_res
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

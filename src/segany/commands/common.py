@@ -8,9 +8,9 @@ from typing import Any
 from ..amg_options import AmgOptions
 from ..build import MODEL_CONFIGS
 from ..errors import SeganyError
+from ..inference.precision import PRECISIONS, resolve_precision
 from ..loading import load_model, resolve_device
 from ..modeling import Sam
-from ..precision import PRECISIONS, resolve_precision
 
 
 def add_model_arguments(

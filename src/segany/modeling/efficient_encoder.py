@@ -99,7 +99,7 @@ class EfficientEncoder(nn.Module):
 
     # With the trained default weights bfloat16 costs ~8% of the embedding (measured):
     # depthwise and 1x1 convolutions that cancel large terms. ``auto`` precision keeps
-    # this encoder in float32 (see segany.precision).
+    # this encoder in float32 (see segany.inference.precision).
     reduced_precision_accurate = False
 
     def __init__(

@@ -9,7 +9,6 @@ Point labels: 1 foreground, 0 background, -1 padding ("not a point"),
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -96,24 +95,10 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
-        self._dense_pe_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image embedding grid: (1, C, h, w).
-
-        The same for every image and prompt, so it is kept until the Fourier matrix
-        changes (a load or an in-place edit bumps its version) instead of recomputing
-        64 x 64 x 256 sines per decode. Tracing and compiling always recompute it.
-        """
-        matrix = self.pe_layer.positional_encoding_gaussian_matrix
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
-        device = matrix.device.type
-        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-        key = (matrix.data_ptr(), matrix._version, autocast, torch.is_inference_mode_enabled())
-        if self._dense_pe_cache is None or self._dense_pe_cache[0] != key:
-            self._dense_pe_cache = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
-        return self._dense_pe_cache[1]
+        """Positional encoding of the image embedding grid: (1, C, h, w)."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """(B, N, 2) points and (B, N) labels -> (B, N [+1], C) tokens."""

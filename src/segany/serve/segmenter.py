@@ -172,23 +172,19 @@ class _SteppedGenerator(SamAutomaticMaskGenerator):
         return records
 
     def _process_batch(
-        self,
-        points: np.ndarray,
-        crop_box: list[int],
-        image: np.ndarray,
-        image_pe: torch.Tensor,
+        self, points: np.ndarray, crop_box: list[int], image: np.ndarray
     ) -> MaskCandidates:
         self._progress(self._done, self._total)
-        result = super()._process_batch(points, crop_box, image, image_pe)
+        result = super()._process_batch(points, crop_box, image)
         self._done += 1
         return result
 
     def _decode(
-        self, points: np.ndarray, crop_size: tuple[int, int], image_pe: torch.Tensor
+        self, points: np.ndarray, crop_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The decoder keeps state (the image side it prepared last): one user at a time.
+        # The predictor keeps state (the image side it prepared): one user at a time.
         with self._lock.step():
-            return super()._decode(points, crop_size, image_pe)
+            return super()._decode(points, crop_size)
 
 
 class Segmenter:

@@ -38,9 +38,9 @@ from ..build import (
 )
 from ..checkpoint import load_checkpoint, read_metadata
 from ..errors import SeganyError
+from ..inference.precision import cpu_has_native_bf16, cpu_name
 from ..modeling import Sam
 from ..modeling.common import DropPath
-from ..precision import cpu_has_native_bf16, cpu_name
 from .augment import TrainItem
 from .config import ModelSection, OptimSection, TrainConfig
 from .data_stream import SampleStream
