@@ -270,20 +270,23 @@ def test_random_shape_masks_for_the_geometric_warm_up() -> None:
 
 
 @pytest.mark.parametrize(("box_probability", "first_round"), [(0.0, [True]), (1.0, [False])])
-def test_first_round_multimask_only_for_a_single_click(box_probability, first_round) -> None:
+def test_first_round_multimask_only_for_a_single_click(
+    monkeypatch, box_probability, first_round
+) -> None:
     """SAM's recipe: a lone click is ambiguous (three outputs, the best one trained); a box
     is answered with the single output, as ``predict(box=...)`` is at inference."""
+    from segany.inference.mask_decoder import FastMaskDecoder
     from segany.train.trainer import InteractiveStep
 
     model = build_sam_from_config(TINY_CONFIG)
     calls: list[bool] = []
-    decode = model.mask_decoder.forward
+    decode = FastMaskDecoder.decode
 
-    def spy(*args, **kwargs):
+    def spy(self, *args, **kwargs):
         calls.append(kwargs["multimask_output"])
-        return decode(*args, **kwargs)
+        return decode(self, *args, **kwargs)
 
-    model.mask_decoder.forward = spy
+    monkeypatch.setattr(FastMaskDecoder, "decode", spy)
     size = TINY_CONFIG.img_size
     masks = torch.zeros(2, size, size, dtype=torch.bool)
     masks[0, size // 8 : size // 2, size // 4 : size // 2] = True
@@ -308,3 +311,40 @@ def test_auto_precision_trains_in_bf16_only_where_it_is_native(
     assert trainer.training_precision(config, torch.device("cpu")) == expected
     config = SimpleNamespace(optim=OptimSection(precision="bf16"))
     assert trainer.training_precision(config, torch.device("cpu")) == "bf16"
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_training_decoder_gradients_equal_the_models(multimask: bool) -> None:
+    """The trainer decodes with the inference layer's fast forms: the same function as the
+    model's plain decoder, so the same loss and the same gradients for every parameter."""
+    from segany.inference.mask_decoder import FastMaskDecoder
+
+    model = build_sam_from_config(TINY_CONFIG)
+    decoder, prompt_encoder = model.mask_decoder, model.prompt_encoder
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(1, 256, TINY_CONFIG.embedding_size, TINY_CONFIG.embedding_size)
+    points = (torch.rand(6, 2, 2, generator=g) * TINY_CONFIG.img_size, torch.ones(6, 2))
+    grads = []
+    for fast in (False, True):
+        model.zero_grad()
+        sparse, dense = prompt_encoder(points=points, boxes=None, masks=None)
+        pe = prompt_encoder.get_dense_pe()
+        if fast:
+            no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            masks, iou = FastMaskDecoder(decoder, pe, no_mask).decode(
+                embedding, sparse, dense, multimask_output=multimask
+            )
+        else:
+            masks, iou = decoder(embedding, pe, sparse, dense, multimask_output=multimask)
+        (masks.sigmoid().mean() + iou.square().sum()).backward()
+        # A mask token whose output is not returned gets no gradient: a zero one.
+        grads.append(
+            {
+                n: torch.zeros_like(p) if p.grad is None else p.grad
+                for n, p in model.named_parameters()
+            }
+        )
+        model.zero_grad(set_to_none=True)
+    assert sum(bool(g.any()) for g in grads[0].values()) > 20
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, atol=1e-5, rtol=1e-4, msg=name)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling.common import fold_batchnorm_into
+
 
 class FoldedConv(nn.Module):
     """A convolution, BatchNorm and what follows them in a ``Sequential``, with the norm
@@ -29,9 +31,8 @@ class FoldedConv(nn.Module):
         super().__init__()
         conv, norm = layer[0], layer[1]
         with torch.no_grad():
-            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-            self.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), False)
-            self.bias = nn.Parameter(norm.bias - norm.running_mean * scale, False)
+            weight, bias = fold_batchnorm_into(conv, norm)
+        self.weight, self.bias = nn.Parameter(weight, False), nn.Parameter(bias, False)
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self.after = nn.Sequential(*list(layer)[2:])  # the activation, if any

@@ -9,7 +9,6 @@ shared by B prompt sets; it is projected once and broadcast.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
@@ -51,13 +50,15 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: (1 or B, Nq, C); k, v: (1 or B, Nk, C) -> (B, Nq, C)."""
+        """q: (1 or B, Nq, C); k, v: (1 or B, Nk, C) -> (B, Nq, C); a batch-1 side is
+        projected once and broadcast."""
         q = self.split_heads(self.q_proj(q))
         k = self.split_heads(self.k_proj(k))
         v = self.split_heads(self.v_proj(v))
-        batch = max(q.shape[0], k.shape[0])
-        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        # Written out, as in the paper: with a handful of tokens on one side, PyTorch's
+        # fused CPU kernel is several times slower than this (its backward above all).
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)
+        out = scores.softmax(dim=-1) @ v
         return self.out_proj(self.merge_heads(out))
 
 
