@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .loading import load_model
     from .onnx.predictor import OnnxSamPredictor
     from .predictor import SamPredictor
+    from .sam2_predictor import Sam2ImagePredictor
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MODEL_CONFIGS": ".build",
     "OnnxSamPredictor": ".onnx.predictor",
+    "Sam2ImagePredictor": ".sam2_predictor",
     "SamAutomaticMaskGenerator": ".automatic_mask_generator",
     "SamConfig": ".build",
     "SamPredictor": ".predictor",
@@ -40,6 +42,7 @@ _LAZY = {
 __all__ = [
     "MODEL_CONFIGS",
     "OnnxSamPredictor",
+    "Sam2ImagePredictor",
     "SamAutomaticMaskGenerator",
     "SamConfig",
     "SamPredictor",

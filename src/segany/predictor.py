@@ -328,7 +328,7 @@ class SamPredictor:
             multimask_output,
             return_logits=return_logits,
         )
-        return _numpy(masks[0]), _numpy(scores[0]), _numpy(low_res[0])
+        return to_numpy(masks[0]), to_numpy(scores[0]), to_numpy(low_res[0])
 
     def predict_prompts(
         self,
@@ -383,7 +383,7 @@ class SamPredictor:
             multimask_output,
             return_logits,
         )
-        return _numpy(masks), _numpy(scores), _numpy(low_res)
+        return to_numpy(masks), to_numpy(scores), to_numpy(low_res)
 
     def predict_batch(
         self,
@@ -425,7 +425,7 @@ class SamPredictor:
                 return_logits,
             )
             for collected, value in zip(out, result):
-                collected.append(_numpy(value[0]))
+                collected.append(to_numpy(value[0]))
         return out
 
     @torch.no_grad()
@@ -542,7 +542,9 @@ class SamPredictor:
         )
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` as a NumPy array on the CPU, floating point as float32 (the predictors'
+    outputs are float32 whatever the precision)."""
     return (
         tensor.detach().float().cpu().numpy()
         if tensor.is_floating_point()

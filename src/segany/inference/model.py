@@ -1,7 +1,8 @@
 """A SAM model prepared for inference, with a visible lifetime.
 
 :class:`InferenceModel` is what a predictor runs: made from a
-:class:`~segany.modeling.Sam` and a :class:`~segany.inference.precision.Precision`, it
+:class:`~segany.modeling.Sam` (or SAM 2's :class:`~segany.modeling.sam2.Sam2`) and a
+:class:`~segany.inference.precision.Precision`, it
 holds everything derived from the weights that makes inference fast: the encoder with its
 BatchNorm folded (:mod:`.folding`, optionally compiled), the decoder's lower-precision copy
 on a CPU, the grid encoding, and the :class:`~.mask_decoder.FastMaskDecoder` with its
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..modeling import Sam
 from ..modeling.mask_decoder import MaskDecoder
+from ..modeling.sam2 import Sam2
 from .compilation import compiled
 from .folding import fold_batchnorm
 from .mask_decoder import FastMaskDecoder, ImageSide
@@ -35,14 +37,18 @@ class InferenceModel:
     """``model`` prepared for inference in ``precision`` (see the module documentation).
 
     Args:
-        model: the model, on the device to run on.
+        model: the model (SAM or SAM 2), on the device to run on.
         precision: the resolved precision.
         compile: run the image encoder through ``torch.compile``.
         fold: the decoder's attention forms (None: by cost; True/False forced, for tests).
     """
 
     def __init__(
-        self, model: Sam, precision: Precision, compile: bool = False, fold: bool | None = None
+        self,
+        model: Sam | Sam2,
+        precision: Precision,
+        compile: bool = False,
+        fold: bool | None = None,
     ) -> None:
         self.model = model
         self.precision = precision
@@ -177,24 +183,28 @@ class InferenceModel:
         return masks.float(), iou.float()
 
 
-def uses_high_res(model: Sam) -> bool:
+def uses_high_res(model: Sam | Sam2) -> bool:
     """Whether ``model``'s mask decoder also takes the image's high-resolution features
     (SAM 2's, segany's ``default``); an official-API decoder does not."""
     return bool(getattr(model.mask_decoder, "use_high_res_features", False))
 
 
 class _ImageFeatures(nn.Module):
-    """The encoder call of a model whose decoder takes high-resolution features:
-    (B, 3, S, S) -> (embedding, [projected 1/4 and 1/8 features])."""
+    """The encoder call of a model whose decoder takes high-resolution features: its
+    ``encode_image``, (B, 3, S, S) -> (embedding, [projected 1/4 and 1/8 features]).
 
-    def __init__(self, model: Sam) -> None:
+    The model says what its embedding is (SAM 2's adds ``no_mem_embed`` to the coarsest
+    FPN level); a module around it, so that it can be folded and compiled.
+    """
+
+    def __init__(self, model: Sam | Sam2) -> None:
         super().__init__()
-        self.image_encoder = model.image_encoder
-        self.mask_decoder = model.mask_decoder
+        self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        embeddings, features = self.image_encoder.forward_features(images)
-        return embeddings, self.mask_decoder.project_high_res(features)
+        embeddings, high_res = self.model.encode_image(images)
+        assert high_res is not None  # made only for a model that uses them
+        return embeddings, high_res
 
 
 def _tensors(*modules: nn.Module) -> list[torch.Tensor]:
