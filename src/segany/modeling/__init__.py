@@ -5,6 +5,8 @@ from .hiera import Hiera
 from .hybrid_encoder import HybridEncoder
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
+from .memory_attention import MemoryAttention
+from .memory_encoder import MemoryEncoder
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
 from .sam2 import Sam2
@@ -18,6 +20,8 @@ __all__ = [
     "HybridEncoder",
     "ImageEncoderViT",
     "MaskDecoder",
+    "MemoryAttention",
+    "MemoryEncoder",
     "PromptEncoder",
     "Sam",
     "Sam2",

@@ -1,7 +1,7 @@
-"""SAM 2's image model: Hiera image encoder + SAM's prompt encoder + SAM 2's mask decoder.
+"""SAM 2: Hiera image encoder + SAM's prompt encoder + SAM 2's mask decoder + video memory.
 
 The image path of Meta's ``SAM2Base`` (``sam2`` 1.1.0) as used by its
-``SAM2ImagePredictor``, with no video memory:
+``SAM2ImagePredictor`` (the video memory is not used there):
 
 1. :meth:`Sam2.preprocess`: pixel values / 255, the image squashed to a square of
    ``image_size`` (no aspect ratio kept, no padding; bilinear, antialiased), ImageNet
@@ -18,16 +18,17 @@ The image path of Meta's ``SAM2Base`` (``sam2`` 1.1.0) as used by its
 Parameter names are those of Meta's checkpoints (``image_encoder.*``,
 ``sam_prompt_encoder.*``, ``sam_mask_decoder.*``, ``no_mem_embed``) except in the decoder
 transformer's MLPs, which keep SAM's names (:func:`convert_official_state_dict` renames
-Meta's). The video-only parameters that
-are plain tensors, linear layers or convolutions are held as Meta defines them (unused
-here), so that only the memory attention and memory encoder of a checkpoint are left for
-the video model (:func:`split_official_state_dict`, :meth:`Sam2.load_official_state_dict`).
+Meta's). The video model's parts are held too, as Meta defines them: its plain
+parameters and small layers, and the memory attention (:mod:`.memory_attention`) and
+memory encoder (:mod:`.memory_encoder`); so every tensor of an official checkpoint loads
+with ``strict=True`` (:meth:`Sam2.load_official_state_dict`). The image path runs none of
+them; the video predictor runs them all.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mask_decoder import MLP, MaskDecoder
+from .memory_attention import MemoryAttention, MemoryAttentionConfig
+from .memory_encoder import MemoryEncoder, MemoryEncoderConfig
 from .prompt_encoder import PromptEncoder
 from .sam2_configs import SAM2_ENCODER_CONFIGS, Sam2EncoderConfig
 from .sam2_image_encoder import Sam2ImageEncoder
@@ -47,7 +50,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Meta's SAM2Base initialises its free-standing embeddings with this truncated normal.
 EMBEDDING_INIT_STD = 0.02
 
-# The parts of an official checkpoint this model does not hold (the video step's).
+# The submodules only the video model runs (prefixes of their parameters' names).
 VIDEO_MODULES = ("memory_attention.", "memory_encoder.")
 
 # Meta's names -> segany's: SAM 2's decoder transformer names its MLPs' layers as its MLP
@@ -85,7 +88,14 @@ class Sam2Config:
             num_multimask_outputs, iou_head_depth, iou_head_hidden_dim: SAM's prompt
             encoder and decoder sizes, hard-coded in ``SAM2Base``.
         num_maskmem: memory frames (shape of ``maskmem_tpos_enc``; video only).
-        mem_dim: the memory encoder's output channels (yaml ``memory_encoder.out_dim``).
+        mem_dim: the memory encoder's output channels (yaml ``memory_encoder.out_dim``),
+            which the memory attention's keys and values take (its ``kv_in_dim``).
+        memory_attention: the memory attention's layers and options (yaml
+            ``memory_attention``; its ``d_model`` is :attr:`embed_dim`, and its RoPE
+            ``feat_sizes`` are the embedding grid, read from the input).
+        memory_encoder: the memory encoder's sizes (yaml ``memory_encoder``; its
+            ``in_dim`` is :attr:`embed_dim`, its mask's total stride ``backbone_stride``,
+            its position encoding's width ``mem_dim``).
         use_obj_ptrs_in_encoder, use_mlp_for_obj_ptr_proj, proj_tpos_enc_in_obj_ptrs,
             no_obj_embed_spatial: which video-only parameters exist (see :class:`Sam2`);
             the last two are SAM 2.1's.
@@ -116,6 +126,8 @@ class Sam2Config:
     use_mlp_for_obj_ptr_proj: bool = True
     proj_tpos_enc_in_obj_ptrs: bool = False
     no_obj_embed_spatial: bool = False
+    memory_attention: MemoryAttentionConfig = field(default_factory=MemoryAttentionConfig)
+    memory_encoder: MemoryEncoderConfig = field(default_factory=MemoryEncoderConfig)
 
     @property
     def embed_dim(self) -> int:
@@ -166,13 +178,15 @@ def _trunc_normal_parameter(*shape: int) -> nn.Parameter:
 
 
 class Sam2(nn.Module):
-    """SAM 2 for single images (no video memory); see the module docstring for the path.
+    """SAM 2, with the image path's methods; see the module docstring for the path.
 
-    The video-only parameters held (unused here; shapes from ``config``): ``no_mem_pos_enc``
+    The video-only parts held (unused by the image path; shapes from ``config``):
+    ``memory_attention`` (:class:`~.memory_attention.MemoryAttention`),
+    ``memory_encoder`` (:class:`~.memory_encoder.MemoryEncoder`), ``no_mem_pos_enc``
     (1, 1, C), ``maskmem_tpos_enc`` (num_maskmem, 1, 1, mem_dim), ``no_obj_ptr`` (1, C),
     ``no_obj_embed_spatial`` (1, mem_dim, SAM 2.1), ``mask_downsample`` (a 4x4 stride-4
     conv), ``obj_ptr_proj`` (a 3-layer MLP or a linear layer) and ``obj_ptr_tpos_proj``
-    (linear C -> mem_dim, SAM 2.1). The memory attention and memory encoder are not held.
+    (linear C -> mem_dim, SAM 2.1).
     """
 
     mask_threshold: float = 0.0
@@ -201,8 +215,12 @@ class Sam2(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(-1, 1, 1), False)
 
     def _add_video_parameters(self, config: Sam2Config) -> None:
-        """The video model's simple parameters, as Meta's SAM2Base makes them."""
+        """The video model's parts, as Meta's SAM2Base makes them."""
         dim, mem_dim = config.embed_dim, config.mem_dim
+        self.memory_attention = MemoryAttention(dim, mem_dim, config.memory_attention)
+        self.memory_encoder = MemoryEncoder(
+            dim, mem_dim, config.backbone_stride, config.memory_encoder
+        )
         self.no_mem_pos_enc = _trunc_normal_parameter(1, 1, dim)
         self.maskmem_tpos_enc = _trunc_normal_parameter(config.num_maskmem, 1, 1, mem_dim)
         if config.pred_obj_scores and config.use_obj_ptrs_in_encoder:
@@ -289,15 +307,10 @@ class Sam2(nn.Module):
         image_embed = coarse + self.no_mem_embed.view(1, -1, 1, 1)
         return Sam2ImageEmbedding(image_embed, high_res)
 
-    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
-        """Load the weights of an official checkpoint (its ``model`` dict) strictly: every
-        parameter of this model from it, and nothing of it ignored but the video modules.
-
-        Returns the names (Meta's) of the checkpoint's tensors left for the video model.
-        """
-        held, video = split_official_state_dict(state_dict)
-        self.load_state_dict(held, strict=True)
-        return sorted(video)
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load the weights of an official checkpoint (its ``model`` dict, Meta's names)
+        strictly: every parameter of this model from it, every tensor of it used."""
+        self.load_state_dict(convert_official_state_dict(state_dict), strict=True)
 
 
 def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -314,8 +327,11 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
 def split_official_state_dict(
     state_dict: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """An official SAM 2 state dict -> (what :class:`Sam2` holds, under segany's names;
-    the memory attention's and memory encoder's tensors, under Meta's names)."""
-    video = {key: value for key, value in state_dict.items() if key.startswith(VIDEO_MODULES)}
-    rest = {key: value for key, value in state_dict.items() if key not in video}
-    return convert_official_state_dict(rest), video
+    """An official SAM 2 state dict -> (all but the memory modules' tensors, the memory
+    attention's and memory encoder's tensors (:data:`VIDEO_MODULES`)), both under segany's
+    names. :class:`Sam2` holds both; the first also holds the video model's small
+    parameters (``maskmem_tpos_enc``, ``obj_ptr_proj``, ...)."""
+    converted = convert_official_state_dict(state_dict)
+    video = {key: value for key, value in converted.items() if key.startswith(VIDEO_MODULES)}
+    rest = {key: value for key, value in converted.items() if key not in video}
+    return rest, video
