@@ -17,7 +17,8 @@ import pytest
 
 from segany import weights
 from segany.errors import SeganyError
-from segany.weights import WEIGHTS, WeightsInfo
+from segany.build import MODEL_NAMES, SAM2_MODEL_CONFIGS
+from segany.weights import WEIGHTS, WeightsInfo, get_info
 
 PAYLOAD = bytes(range(256)) * 10 + b"tail" + bytes(reversed(range(256))) * 6  # 4100 bytes
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -325,7 +326,7 @@ def test_registry_entries_are_well_formed() -> None:
         assert info.name == key
         assert re.fullmatch(r"[0-9a-f]{64}", info.sha256), key
         assert info.url.startswith("https://"), key
-        assert info.model_type in {"vit_h", "vit_l", "vit_b", "vit_t"}, key
+        assert info.model_type in MODEL_NAMES, key
         assert info.size_bytes > 1_000_000, key
         assert info.url.rsplit("/", 1)[1] == info.file_name, key
         assert info.description and "\n" not in info.description, key
@@ -339,6 +340,21 @@ def test_official_model_types() -> None:
         assert WEIGHTS[name].url.startswith("https://dl.fbaipublicfiles.com/segment_anything/")
     assert WEIGHTS["mobile_sam"].model_type == "vit_t"
     assert "ChaoningZhang/MobileSAM" in WEIGHTS["mobile_sam"].url
+
+
+def test_every_sam2_model_has_its_official_checkpoint() -> None:
+    """Meta's 8 files (named in its download_ckpts.sh), one per SAM 2 registry model."""
+    base = "https://dl.fbaipublicfiles.com/segment_anything_2"
+    sizes = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+    for model in SAM2_MODEL_CONFIGS:
+        version, size = model.split("_")
+        folder = "092824" if version == "sam2.1" else "072824"
+        info = get_info(model)  # a model name finds its checkpoint
+        assert info.model_type == model
+        assert info.url == f"{base}/{folder}/{version}_hiera_{sizes[size]}.pt"
+        assert get_info(info.name) is info
+    sam2_files = [info for info in WEIGHTS.values() if info.model_type in SAM2_MODEL_CONFIGS]
+    assert len(sam2_files) == 8 == len({info.sha256 for info in sam2_files})
 
 
 # --------------------------------------------------------------------------- integrity

@@ -2,13 +2,18 @@
 
 ``sam_model_registry[name](checkpoint=None)`` builds a model like the official
 registry does; :func:`build_sam` accepts a registry name or a :class:`SamConfig`
-for custom sizes. Loading a model for the tools (official weights, checkpoints, the
-device) and saving one is :mod:`segany.loading`; its names (:func:`load_model`, ...) are
-still found here for code that imports them from ``segany.build``.
+for custom sizes. SAM 2 models have their own builder, :func:`build_sam2`, and short
+names (:data:`SAM2_MODEL_CONFIGS`: ``sam2.1_t``, ``sam2.1_b+``, ...) that also answer to
+Meta's config, checkpoint and Hugging Face names (:func:`sam2_model_name`).
+
+Loading a model for the tools (official weights, checkpoints, the device) and saving one
+is :mod:`segany.loading`; its names (:func:`load_model`, ...) are still found here for
+code that imports them from ``segany.build``.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,6 +37,7 @@ from .modeling import (
     TwoWayTransformer,
 )
 from .modeling.efficient_encoder import LITE0_STAGES
+from .modeling.sam2 import SAM2_CONFIGS, Sam2, Sam2Config
 
 BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "pretrained"
 
@@ -244,19 +250,94 @@ def build_sam_from_config(config: SamConfig) -> Sam:
     return model.eval()
 
 
+def _short_sam2_name(config_name: str) -> str:
+    """Meta's config name -> segany's: ``sam2.1_hiera_b+`` -> ``sam2.1_b+``."""
+    return config_name.replace("_hiera_", "_")
+
+
+# SAM 2 and 2.1, by segany's short names for Meta's official configs (sam2.1_t, sam2_l, ...).
+SAM2_MODEL_CONFIGS: dict[str, Sam2Config] = {
+    _short_sam2_name(name): config for name, config in SAM2_CONFIGS.items()
+}
+# Every registry name, SAM's then SAM 2's (for help texts and error messages).
+MODEL_NAMES: tuple[str, ...] = (*MODEL_CONFIGS, *SAM2_MODEL_CONFIGS)
+
+# Meta's and Hugging Face's words for the sizes (checkpoint files, repo names).
+_SAM2_SIZE_WORDS = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
+_SAM2_NAME = re.compile(r"^(sam2(?:\.1)?)_(?:hiera_)?(t|s|b\+|l|tiny|small|base_plus|large)$")
+
+
+def sam2_model_name(name: str) -> str | None:
+    """segany's short name of a SAM 2 model named any way a user may know it, else None.
+
+    ``sam2.1_t``, ``sam2.1_hiera_t`` (Meta's config), ``configs/sam2.1/sam2.1_hiera_t.yaml``,
+    ``sam2.1_hiera_tiny`` / ``sam2.1_hiera_tiny.pt`` (Meta's checkpoint) and
+    ``facebook/sam2.1-hiera-tiny`` (Hugging Face) all give ``sam2.1_t``.
+    """
+    stem = name.strip().lower().rsplit("/", 1)[-1].removesuffix(".yaml").removesuffix(".pt")
+    match = _SAM2_NAME.match(stem.replace("-", "_"))
+    if match is None:
+        return None
+    version, size = match.groups()
+    return f"{version}_{_SAM2_SIZE_WORDS.get(size, size)}"
+
+
+def is_sam2_name(name: str) -> bool:
+    return sam2_model_name(name) is not None
+
+
+def _unknown_model(name: str) -> SeganyError:
+    return SeganyError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+
+
 def _resolve(name_or_config: str | SamConfig) -> tuple[str, SamConfig]:
     if isinstance(name_or_config, SamConfig):
         return "custom", name_or_config
-    try:
+    if name_or_config in MODEL_CONFIGS:
         return name_or_config, MODEL_CONFIGS[name_or_config]
-    except KeyError:
-        known = ", ".join(MODEL_CONFIGS)
-        raise SeganyError(f"unknown model {name_or_config!r}; choose one of: {known}") from None
+    if is_sam2_name(name_or_config):
+        raise SeganyError(
+            f"{name_or_config!r} is a SAM 2 model; build it with build_sam2 (or load_model)"
+        )
+    raise _unknown_model(name_or_config)
 
 
-def registry_config(name: str) -> SamConfig:
-    """The registry's config of model ``name``; SeganyError naming the known models."""
+def sam2_registry_config(name: str) -> tuple[str, Sam2Config]:
+    """(short name, config) of SAM 2 model ``name`` (any of :func:`sam2_model_name`'s
+    forms); SeganyError naming the known models."""
+    short = sam2_model_name(name)
+    if short is None:
+        raise _unknown_model(name)
+    return short, SAM2_MODEL_CONFIGS[short]
+
+
+def canonical_model_name(name: str) -> str:
+    """``name`` as the registry spells it (SAM 2's other names -> ``sam2.1_t`` etc.);
+    unknown names come back unchanged."""
+    return name if name in MODEL_CONFIGS else sam2_model_name(name) or name
+
+
+def registry_config(name: str) -> SamConfig | Sam2Config:
+    """The registry's config of model ``name`` (SAM or SAM 2); SeganyError naming the
+    known models."""
+    if name not in MODEL_CONFIGS and is_sam2_name(name):
+        return sam2_registry_config(name)[1]
     return _resolve(name)[1]
+
+
+def sam2_config_name(config: Sam2Config) -> str:
+    """The short name of an official SAM 2 config (SeganyError for a changed one)."""
+    for name, known in SAM2_MODEL_CONFIGS.items():
+        if known == config:
+            return name
+    raise SeganyError("only the official SAM 2 models can be saved with their architecture")
+
+
+def build_model_from_config(config: SamConfig | Sam2Config) -> Sam | Sam2:
+    """A randomly initialised SAM or SAM 2 model of ``config``, in eval mode."""
+    if isinstance(config, Sam2Config):
+        return Sam2.from_config(config).eval()
+    return build_sam_from_config(config)
 
 
 def build_sam(
@@ -298,6 +379,24 @@ def _registry_entry(name: str) -> Callable[..., Sam]:
 sam_model_registry: Mapping[str, Callable[..., Sam]] = {
     name: _registry_entry(name) for name in MODEL_CONFIGS
 }
+
+
+def build_sam2(
+    name: str = "sam2.1_t",
+    checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
+) -> Sam2:
+    """Build SAM 2 model ``name`` (``sam2.1_t``, ``sam2_b+``, Meta's config or checkpoint
+    name, ...: see :func:`sam2_model_name`), optionally loading ``checkpoint``.
+
+    Accepts Meta's ``sam2*_hiera_*.pt``, Hugging Face ``facebook/sam2*`` safetensors and
+    segany safetensors. Without a checkpoint the weights are random; for the official
+    weights (downloaded once) use :func:`segany.load_model`.
+    """
+    short, config = sam2_registry_config(name)
+    model = Sam2.from_config(config)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, model_name=short)
+    return model.eval()
 
 
 # Moved to segany.loading: found there on first use, for code that imports them from here.

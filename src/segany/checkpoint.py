@@ -1,14 +1,15 @@
 """Reading, converting and saving model weights.
 
-Formats read: official SAM ``.pth`` state dicts, MobileSAM ``mobile_sam.pt``,
-Hugging Face ``transformers`` SAM safetensors/bin (keys converted), training
-checkpoints holding a ``model`` entry, and segany safetensors. Pickles are
-loaded with ``weights_only=True``.
+Formats read: official SAM ``.pth`` state dicts, MobileSAM ``mobile_sam.pt``, Meta's
+SAM 2 ``sam2*_hiera_*.pt``, Hugging Face ``transformers`` SAM and SAM 2 safetensors/bin
+(keys converted), training checkpoints holding a ``model`` entry, and segany safetensors.
+Pickles are loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import SeganyError
+from .hf_sam2_names import convert_hf_sam2_state_dict, detect_sam2_model, is_hf_sam2_state_dict
+from .modeling.sam2 import convert_official_state_dict as convert_official_sam2
 
 StateDict = dict[str, torch.Tensor]
 
@@ -120,9 +123,19 @@ def convert_state_dict(state: Mapping[str, object]) -> StateDict:
         if not isinstance(value, torch.Tensor):
             raise SeganyError(f"checkpoint entry {key!r} is not a tensor")
         tensors[key.removeprefix("module.")] = value
+    # transformers names SAM 2's tensors under vision_encoder. too: before SAM's check.
+    if is_hf_sam2_state_dict(tensors):
+        tensors = convert_hf_sam2_state_dict(tensors)
+    if is_sam2_state_dict(tensors):
+        return convert_official_sam2(tensors)
     if any(k.startswith("vision_encoder.") for k in tensors):
         tensors = _convert_hf(tensors)
     return {k: v for k, v in tensors.items() if not _DROPPED.search(k)}
+
+
+def is_sam2_state_dict(state: Mapping[str, object]) -> bool:
+    """Whether ``state`` (Meta's or segany's names) is a SAM 2 model's."""
+    return any(key.startswith("sam_mask_decoder.") for key in state)
 
 
 def read_state_dict(path: str | Path) -> StateDict:
@@ -149,6 +162,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def detect_model_type(state: Mapping[str, torch.Tensor]) -> str | None:
     """Registry name whose architecture matches ``state`` (None when none does)."""
+    sam2_config = detect_sam2_model(state)
+    if sam2_config is not None:
+        return sam2_config.replace("_hiera_", "_")  # the registry's short name
     if any(k.startswith("image_encoder.layers.") for k in state):
         return "vit_t"
     if any(k.startswith("image_encoder.blocks.") and ".depthwise." in k for k in state):
@@ -168,11 +184,40 @@ def _describe(keys: list[str], what: str) -> str:
     return f"{len(keys)} {what} ({shown})"
 
 
+# SAM 2's tensors that only video tracking uses: transformers' image-only Sam2Model files
+# lack them.
+_SAM2_VIDEO_ONLY = re.compile(
+    r"^(memory_attention\.|memory_encoder\.|mask_downsample\.|obj_ptr_proj\.|obj_ptr_tpos_proj\."
+    r"|no_mem_pos_enc$|maskmem_tpos_enc$|no_obj_ptr$|no_obj_embed_spatial$)"
+)
+
+
+def _with_untrained_video_part(
+    model: nn.Module, state: Mapping[str, torch.Tensor], missing: list[str], source: str
+) -> Mapping[str, torch.Tensor]:
+    """An image-only SAM 2 file (every missing tensor video-only) fills the video part with
+    ``model``'s own initial tensors, with a warning; anything else is returned as is."""
+    if not missing or not is_sam2_state_dict(state):
+        return state
+    if not all(_SAM2_VIDEO_ONLY.match(key) for key in missing):
+        return state
+    warnings.warn(
+        f"{source} holds SAM 2's image model only: images are fine, but video tracking "
+        "would run on untrained memory weights (use Meta's checkpoint for video)",
+        stacklevel=3,
+    )
+    own = model.state_dict()
+    return {**{key: own[key] for key in missing}, **state}
+
+
 def load_state_dict_into(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str
 ) -> None:
-    """Copy ``state`` into ``model``; any missing, extra or mis-shaped tensor is an error."""
+    """Copy ``state`` into ``model``; any missing, extra or mis-shaped tensor is an error
+    (but an image-only SAM 2 file loads with a warning: see :func:`_with_untrained_video_part`)."""
     expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    state = _with_untrained_video_part(model, state, missing, source)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [

@@ -224,6 +224,7 @@ def simulate_clicks(
             mask_input=mask_input,
             multimask_output=len(result.clicks) == 1,
         )
+        masks = np.asarray(masks, bool)  # SAM 2's predictor gives 0/1 floats, as Meta's
         mask_ious = [iou(mask, gt, ignore) for mask in masks]
         pick = int(np.argmax(mask_ious if oracle else scores))
         if len(result.clicks) == 1:

@@ -1,9 +1,9 @@
 """Loading and saving models for the tools: by registry name or from a weights file.
 
 :func:`load_model` is what the command line, the data engine and the web app call.
-Without a checkpoint, a registry model gets its official weights (Meta's and MobileSAM's,
-downloaded once into the cache: see :mod:`segany.weights`) or its bundled ones
-(``default``); with one, the architecture is the one :func:`save_model` stored in it, or
+Without a checkpoint, a registry model gets its official weights (Meta's SAM and SAM 2,
+MobileSAM's: downloaded once into the cache, see :mod:`segany.weights`) or its bundled
+ones (``default``); with one, the architecture is the one :func:`save_model` stored in it, or
 is recognised from its tensors. The registry itself (configurations, builders) is
 :mod:`segany.build`; reading and converting weight files is :mod:`segany.checkpoint`.
 """
@@ -19,13 +19,16 @@ import torch
 from . import weights
 from .build import (
     CONFIG_METADATA_KEY,
-    MODEL_CONFIGS,
+    MODEL_NAMES,
+    SAM2_MODEL_CONFIGS,
     SamConfig,
+    build_model_from_config,
     build_sam,
-    build_sam_from_config,
+    canonical_model_name,
     config_from_dict,
     config_to_dict,
     registry_config,
+    sam2_config_name,
 )
 from .checkpoint import (
     detect_model_type,
@@ -35,7 +38,12 @@ from .checkpoint import (
     save_weights,
 )
 from .errors import SeganyError
-from .modeling import Sam
+from .modeling import Sam, Sam2
+from .modeling.sam2 import Sam2Config
+
+# A SAM 2 model's entry in CONFIG_METADATA_KEY: {"sam2_model": "sam2.1_t"} (its
+# architecture is the official one of that name).
+SAM2_METADATA_FIELD = "sam2_model"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -57,12 +65,12 @@ def load_model(
     name: str | None = None,
     checkpoint: str | Path | None = None,
     device: str | None = None,
-) -> Sam:
+) -> Sam | Sam2:
     """Model for the tools: by name (``default`` when None), from ``checkpoint`` if given.
 
     With a checkpoint and no name, the architecture is read from the checkpoint.
-    Meta's and MobileSAM's models without a checkpoint use their official weights,
-    downloaded into the cache on first use (see ``segany weights``).
+    Meta's (SAM and SAM 2) and MobileSAM's models without a checkpoint use their official
+    weights, downloaded into the cache on first use (see ``segany weights``).
     """
     return load_model_and_config(name, checkpoint, device)[0]
 
@@ -71,9 +79,11 @@ def load_model_and_config(
     name: str | None = None,
     checkpoint: str | Path | None = None,
     device: str | None = None,
-) -> tuple[Sam, SamConfig]:
+) -> tuple[Sam | Sam2, SamConfig | Sam2Config]:
     """:func:`load_model` and the architecture it built (to save the model again)."""
     target = resolve_device(device)
+    if name is not None:
+        name = canonical_model_name(name)
     if checkpoint is None:
         name = name or "default"
         config = registry_config(name)
@@ -84,8 +94,8 @@ def load_model_and_config(
     state = read_state_dict(checkpoint)
     stored = read_metadata(checkpoint).get(CONFIG_METADATA_KEY)
     if name is None and stored is not None:
-        config = config_from_dict(json.loads(stored))
-        model = build_sam_from_config(config)
+        config = _config_from_metadata(stored)
+        model = build_model_from_config(config)
         load_state_dict_into(model, state, str(checkpoint), "the checkpoint's own config")
         return model.to(target), config
     if name is None:
@@ -93,12 +103,28 @@ def load_model_and_config(
         if name is None:
             raise SeganyError(
                 f"cannot tell which model {checkpoint} is for; name it with --model "
-                f"({', '.join(MODEL_CONFIGS)})"
+                f"({', '.join(MODEL_NAMES)})"
             )
     config = registry_config(name)
-    model = build_sam_from_config(config)
+    model = build_model_from_config(config)
     load_state_dict_into(model, state, str(checkpoint), name)
     return model.to(target), config
+
+
+def _config_to_metadata(config: SamConfig | Sam2Config) -> str:
+    if isinstance(config, Sam2Config):
+        return json.dumps({SAM2_METADATA_FIELD: sam2_config_name(config)})
+    return json.dumps(config_to_dict(config))
+
+
+def _config_from_metadata(text: str) -> SamConfig | Sam2Config:
+    data = json.loads(text)
+    if SAM2_METADATA_FIELD in data:
+        name = data[SAM2_METADATA_FIELD]
+        if name not in SAM2_MODEL_CONFIGS:
+            raise SeganyError(f"the checkpoint names an unknown SAM 2 model {name!r}")
+        return SAM2_MODEL_CONFIGS[name]
+    return config_from_dict(data)
 
 
 def official_weights_for(name: str) -> weights.WeightsInfo | None:
@@ -107,9 +133,9 @@ def official_weights_for(name: str) -> weights.WeightsInfo | None:
 
 
 def save_model(
-    model: Sam,
+    model: Sam | Sam2,
     path: str | Path,
-    config: SamConfig,
+    config: SamConfig | Sam2Config,
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
@@ -118,5 +144,5 @@ def save_model(
     ``dtype`` stores the floating-point weights in another type (see :func:`save_weights`);
     ``metadata`` adds string entries (e.g. the training progress, see segany.train).
     """
-    stored = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))}
+    stored = {**(metadata or {}), CONFIG_METADATA_KEY: _config_to_metadata(config)}
     return save_weights(model, path, stored, dtype)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .build import sam2_model_name
 from .errors import SeganyError
 from .inference.mask_decoder import ImageSide
 from .inference.model import InferenceModel
@@ -44,6 +45,7 @@ from .inputs import (
     check_mask_input,
     check_points,
 )
+from .loading import load_model
 from .modeling.prompt_encoder import NOT_A_POINT
 from .modeling.sam2 import Sam2
 from .predictor import to_numpy
@@ -104,6 +106,27 @@ class Sam2ImagePredictor:
         # the embedding's).
         self._bb_feat_sizes = [(4 * grid, 4 * grid), (2 * grid, 2 * grid), (grid, grid)]
         self.reset_predictor()
+
+    @classmethod
+    def from_pretrained(
+        cls, model_id: str, device: str | None = None, **kwargs: Any
+    ) -> Sam2ImagePredictor:
+        """A predictor on official SAM 2 weights, downloaded once (SHA-256 checked).
+
+        ``model_id``: Meta's Hugging Face id (``facebook/sam2.1-hiera-tiny``, as Meta's
+        ``from_pretrained`` takes), or any other name of the model (``sam2.1_t``,
+        ``sam2.1_hiera_t``, ...). ``device``: ``cpu``, ``cuda`` or None for the best one;
+        ``kwargs`` go to the constructor.
+        """
+        name = sam2_model_name(model_id)
+        if name is None:
+            raise SeganyError(
+                f"{model_id!r} is not a SAM 2 model; use e.g. facebook/sam2.1-hiera-tiny "
+                "or sam2.1_t"
+            )
+        model = load_model(name, device=device)
+        assert isinstance(model, Sam2)
+        return cls(model, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -63,7 +63,8 @@ class WeightsInfo:
 
     Attributes:
         name: registry key, e.g. ``"sam_vit_b"``.
-        model_type: architecture: ``vit_h``, ``vit_l``, ``vit_b`` or ``vit_t`` (MobileSAM).
+        model_type: the registry model it is for: ``vit_h``, ``vit_l``, ``vit_b``,
+            ``vit_t`` (MobileSAM) or a SAM 2 model (``sam2.1_t``, ``sam2_b+``, ...).
         url: where to download it.
         sha256: lowercase hex SHA-256 of the whole file.
         size_bytes: exact file size.
@@ -81,6 +82,7 @@ class WeightsInfo:
 
 
 FAIR = "https://dl.fbaipublicfiles.com/segment_anything"
+FAIR_SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2"
 
 # SHA-256 sums and sizes of the published files, as pinned independently by many
 # projects that download them (e.g. micro_sam's model registry lists all four sums).
@@ -127,17 +129,63 @@ WEIGHTS: dict[str, WeightsInfo] = {
     )
 }
 
+# Meta's SAM 2 (released 2024-07-28, folder 072824) and SAM 2.1 (2024-09-28, 092824)
+# checkpoints: (version, size, registry model, bytes, SHA-256). Sums and sizes as pinned
+# by projects that download these files (micro_sam's SAM 2 registry, 3D Slicer's
+# SegmentWithSAM) and in the Git LFS pointers of the same files in Hugging Face's
+# facebook/sam2*-hiera-* repositories.
+_SAM2_FILES = (
+    ("2.1", "tiny", "sam2.1_t", 156_008_466,
+     "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69"),
+    ("2.1", "small", "sam2.1_s", 184_416_285,
+     "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38"),
+    ("2.1", "base_plus", "sam2.1_b+", 323_606_802,
+     "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5"),
+    ("2.1", "large", "sam2.1_l", 898_083_611,
+     "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318"),
+    ("2", "tiny", "sam2_t", 155_906_050,
+     "65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125"),
+    ("2", "small", "sam2_s", 184_309_650,
+     "95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3"),
+    ("2", "base_plus", "sam2_b+", 323_493_298,
+     "d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071"),
+    ("2", "large", "sam2_l", 897_952_466,
+     "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b"),
+)  # fmt: skip
+_SAM2_PARAMETERS = {"tiny": "39M", "small": "46M", "base_plus": "81M", "large": "224M"}
+
+
+def _sam2_weights(version: str, size: str, model: str, size_bytes: int, sha256: str) -> WeightsInfo:
+    prefix, folder = ("sam2.1", "092824") if version == "2.1" else ("sam2", "072824")
+    name = f"{prefix}_hiera_{size}"
+    return WeightsInfo(
+        name=name,
+        model_type=model,
+        url=f"{FAIR_SAM2}/{folder}/{name}.pt",
+        sha256=sha256,
+        size_bytes=size_bytes,
+        file_name=f"{name}.pt",
+        description=f"SAM {version} Hiera-{size.replace('_plus', '+').title()} "
+        f"({_SAM2_PARAMETERS[size]} parameters)",
+    )
+
+
+WEIGHTS.update((info.name, info) for info in (_sam2_weights(*row) for row in _SAM2_FILES))
+
 
 # --------------------------------------------------------------------------- where
 
 
 def get_info(name: str) -> WeightsInfo:
-    """The registry entry for ``name``; SeganyError listing the known names if unknown."""
-    try:
+    """The entry for checkpoint ``name`` (``sam2.1_hiera_tiny``) or for the registry model
+    it is the weights of (``sam2.1_t``); SeganyError listing the known names if unknown."""
+    if name in WEIGHTS:
         return WEIGHTS[name]
-    except KeyError:
-        known = ", ".join(sorted(WEIGHTS))
-        raise SeganyError(f"unknown checkpoint {name!r}; known: {known}") from None
+    for info in WEIGHTS.values():
+        if info.model_type == name:
+            return info
+    known = ", ".join(sorted(WEIGHTS))
+    raise SeganyError(f"unknown checkpoint {name!r}; known: {known}")
 
 
 def cache_dir() -> Path:

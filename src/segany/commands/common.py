@@ -6,11 +6,13 @@ import argparse
 from typing import Any
 
 from ..amg_options import AmgOptions
-from ..build import MODEL_CONFIGS
+from ..build import MODEL_NAMES
 from ..errors import SeganyError
 from ..inference.precision import PRECISIONS, resolve_precision
 from ..loading import load_model, resolve_device
-from ..modeling import Sam
+from ..modeling import Sam, Sam2
+from ..predictor import SamPredictor
+from ..sam2_predictor import Sam2ImagePredictor
 
 
 def add_model_arguments(
@@ -23,8 +25,8 @@ def add_model_arguments(
     group.add_argument(
         "--model",
         metavar="NAME",
-        help=f"registry model: {', '.join(MODEL_CONFIGS)} (default: the bundled 'default'; "
-        "Meta's and MobileSAM's official weights are downloaded on first use)",
+        help=f"registry model: {', '.join(MODEL_NAMES)} (default: the bundled 'default'; "
+        "Meta's SAM and SAM 2 and MobileSAM's official weights are downloaded on first use)",
     )
     group.add_argument(
         "--checkpoint",
@@ -74,8 +76,19 @@ def amg_options(args: argparse.Namespace, output_mode: str) -> AmgOptions:
     return AmgOptions(**values, output_mode=output_mode)
 
 
-def model_from_args(args: argparse.Namespace) -> Sam:
+def model_from_args(args: argparse.Namespace) -> Sam | Sam2:
     return load_model(args.model, args.checkpoint, args.device)
+
+
+def image_predictor_from_args(
+    args: argparse.Namespace, **options: Any
+) -> SamPredictor | Sam2ImagePredictor:
+    """The model of ``--model``/``--checkpoint`` in its family's predictor (SAM's or SAM
+    2's: the same ``set_image``/``predict``), with ``options`` (precision, compile)."""
+    model = model_from_args(args)
+    if isinstance(model, Sam2):
+        return Sam2ImagePredictor(model, **options)
+    return SamPredictor(model, **options)
 
 
 def inference_options(args: argparse.Namespace) -> dict[str, Any]:

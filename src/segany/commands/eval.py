@@ -13,8 +13,7 @@ from ..data import FORMATS, load_dataset
 from ..data.datasets import split_stems
 from ..errors import SeganyError
 from ..evaluate import BASELINES, CLICK_COUNTS, PROMPTS, evaluate, plot_click_curve
-from ..predictor import SamPredictor
-from .common import add_model_arguments, inference_options, model_from_args
+from .common import add_model_arguments, image_predictor_from_args, inference_options
 
 SPLITS = ("val", "train", "all")
 
@@ -144,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(data, format=args.format, split=split)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
-    predictor = SamPredictor(model_from_args(args), **options)
+    predictor = image_predictor_from_args(args, **options)
     result = evaluate(
         predictor, dataset, prompts, max_clicks=args.max_clicks, baseline=args.baseline
     )

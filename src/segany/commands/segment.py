@@ -14,8 +14,12 @@ from ..atomic import atomic_paths, check_writable
 from ..errors import SeganyError
 from ..images import overlay_masks, read_image, write_image, write_mask_png
 from ..inputs import check_boxes, check_points
-from ..predictor import SamPredictor
-from .common import add_model_arguments, inference_options, model_from_args, parse_numbers
+from .common import (
+    add_model_arguments,
+    image_predictor_from_args,
+    inference_options,
+    parse_numbers,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -106,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
     check_points(coords, labels, image.shape[:2])
     check_boxes(box, image.shape[:2])
     options = inference_options(args)
-    predictor = SamPredictor(model_from_args(args), **options)
+    predictor = image_predictor_from_args(args, **options)
     predictor.set_image(image)
     masks, scores, _ = predictor.predict(coords, labels, box, multimask_output=args.multimask)
+    masks = np.asarray(masks, bool)  # SAM 2's predictor gives 0/1 floats, as Meta's
     best = int(np.argmax(scores))
 
     # Best mask first, then the candidates in order.

@@ -73,13 +73,15 @@ def _convert(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         corrupt = []
+        name_width = max(len(name) for name in store.WEIGHTS)
+        model_width = max(len(info.model_type) for info in store.WEIGHTS.values())
         for info in store.WEIGHTS.values():
             state = store.checkpoint_state(info.name)  # checks the SHA-256 once per file
             if state == "corrupt":
                 corrupt.append(info.name)
             print(
-                f"{info.name:<11} {info.model_type:<6} {info.size_bytes / 1e6:>7.0f} MB  "
-                f"{state:<15} {info.description}"
+                f"{info.name:<{name_width}} {info.model_type:<{model_width}} "
+                f"{info.size_bytes / 1e6:>7.0f} MB  {state:<15} {info.description}"
             )
         for name in corrupt:
             print(f"segany weights: {store.corrupt_error(name)}", file=sys.stderr)
