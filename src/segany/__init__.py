@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .onnx.predictor import OnnxSamPredictor
     from .predictor import SamPredictor
     from .sam2_predictor import Sam2ImagePredictor
+    from .sam2_video_predictor import Sam2VideoPredictor
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ _LAZY = {
     "MODEL_CONFIGS": ".build",
     "OnnxSamPredictor": ".onnx.predictor",
     "Sam2ImagePredictor": ".sam2_predictor",
+    "Sam2VideoPredictor": ".sam2_video_predictor",
     "SamAutomaticMaskGenerator": ".automatic_mask_generator",
     "SamConfig": ".build",
     "SamPredictor": ".predictor",
@@ -43,6 +45,7 @@ __all__ = [
     "MODEL_CONFIGS",
     "OnnxSamPredictor",
     "Sam2ImagePredictor",
+    "Sam2VideoPredictor",
     "SamAutomaticMaskGenerator",
     "SamConfig",
     "SamPredictor",

@@ -63,14 +63,16 @@ _OFFICIAL_RENAMES = (
 
 @dataclass(frozen=True)
 class Sam2Config:
-    """One official SAM 2 model, as far as the image path and its parameters go.
+    """One official SAM 2 model: its image path, its parameters and its video tracking.
 
     Sources, one per field: Meta's yaml configs (``configs/sam2/sam2_hiera_*.yaml``,
     ``configs/sam2.1/sam2.1_hiera_*.yaml``, key ``model``); where a yaml leaves a field
     out, ``SAM2Base``'s default (``backbone_stride``); the decoder sizes that
     ``SAM2Base._build_sam_heads`` writes in its code (SAM's decoder); the dynamic
     single-mask choice that ``build_sam2(apply_postprocessing=True)`` (its default, which
-    both predictors use) adds. ``tests/test_sam2_image.py`` checks each against them.
+    both predictors use) adds. ``tests/test_sam2_image.py`` checks each against them
+    (``tests/test_sam2_video.py`` the tracker's options, the fields from
+    ``sigmoid_scale_for_mem_enc`` on).
 
     Attributes:
         encoder: the image encoder's size (:data:`~.sam2_configs.SAM2_ENCODER_CONFIGS`).
@@ -99,6 +101,27 @@ class Sam2Config:
         use_obj_ptrs_in_encoder, use_mlp_for_obj_ptr_proj, proj_tpos_enc_in_obj_ptrs,
             no_obj_embed_spatial: which video-only parameters exist (see :class:`Sam2`);
             the last two are SAM 2.1's.
+        sigmoid_scale_for_mem_enc, sigmoid_bias_for_mem_enc: a mask enters the memory
+            encoder as ``sigmoid(logits) * scale + bias`` (20, -10: logits-like, +-10).
+        binarize_mask_from_pts_for_mem_enc: on frames the user clicked, the mask enters it
+            thresholded instead (``build_sam2_video_predictor`` sets it, as
+            ``dynamic_multimask_via_stability``).
+        use_mask_input_as_output_without_sam: a mask prompt is taken as the frame's mask
+            (+-10 logits) without the decoder; the decoder only makes its object pointer.
+        multimask_output_in_sam, multimask_output_for_tracking, multimask_min_pt_num,
+            multimask_max_pt_num: three masks (the best kept) on first-click frames, and
+            on tracked frames, for prompts of min to max points (a box is two).
+        max_obj_ptrs_in_encoder: object pointers a frame attends to, at most (16).
+        add_tpos_enc_to_obj_ptrs, use_signed_tpos_enc_to_obj_ptrs: pointers carry a sine
+            encoding of their frame distance (SAM 2.1), signed by tracking direction.
+        only_obj_ptrs_in_the_past_for_eval: prompted frames' pointers only from frames
+            already passed in the tracking direction.
+        fixed_no_obj_ptr, soft_no_obj_ptr: where no object is seen, the pointer is
+            ``no_obj_ptr`` alone (fixed) rather than added to it; soft: mixed by the
+            object score's sigmoid instead of its sign.
+
+    The fields from ``sigmoid_scale_for_mem_enc`` on are the video tracker's
+    (:mod:`.sam2_tracking`), under their yaml names.
     """
 
     encoder: Sam2EncoderConfig
@@ -128,6 +151,20 @@ class Sam2Config:
     no_obj_embed_spatial: bool = False
     memory_attention: MemoryAttentionConfig = field(default_factory=MemoryAttentionConfig)
     memory_encoder: MemoryEncoderConfig = field(default_factory=MemoryEncoderConfig)
+    sigmoid_scale_for_mem_enc: float = 20.0
+    sigmoid_bias_for_mem_enc: float = -10.0
+    binarize_mask_from_pts_for_mem_enc: bool = True
+    use_mask_input_as_output_without_sam: bool = True
+    multimask_output_in_sam: bool = True
+    multimask_output_for_tracking: bool = True
+    multimask_min_pt_num: int = 0
+    multimask_max_pt_num: int = 1
+    max_obj_ptrs_in_encoder: int = 16
+    add_tpos_enc_to_obj_ptrs: bool = False
+    use_signed_tpos_enc_to_obj_ptrs: bool = False
+    only_obj_ptrs_in_the_past_for_eval: bool = True
+    fixed_no_obj_ptr: bool = True
+    soft_no_obj_ptr: bool = False
 
     @property
     def embed_dim(self) -> int:
@@ -140,9 +177,14 @@ class Sam2Config:
         return self.image_size // self.backbone_stride
 
 
-# SAM 2.1 added a learned "no object" embedding for memories and a projection of the object
-# pointers' temporal encoding; the image path is the same in both versions.
-_SAM2_1 = {"proj_tpos_enc_in_obj_ptrs": True, "no_obj_embed_spatial": True}
+# SAM 2.1 added a learned "no object" embedding for memories and a (signed, projected)
+# temporal encoding of the object pointers; the image path is the same in both versions.
+_SAM2_1 = {
+    "proj_tpos_enc_in_obj_ptrs": True,
+    "no_obj_embed_spatial": True,
+    "add_tpos_enc_to_obj_ptrs": True,
+    "use_signed_tpos_enc_to_obj_ptrs": True,
+}
 _SIZES = {"t": "hiera_tiny", "s": "hiera_small", "b+": "hiera_base_plus", "l": "hiera_large"}
 
 # The official models by the name of their yaml config (``sam2.1_hiera_b+`` etc.).
