@@ -16,8 +16,8 @@ import platformdirs
 import pytest
 
 from segany import weights
-from segany.errors import SeganyError
 from segany.build import MODEL_NAMES, SAM2_MODEL_CONFIGS
+from segany.errors import SeganyError
 from segany.weights import WEIGHTS, WeightsInfo, get_info
 
 PAYLOAD = bytes(range(256)) * 10 + b"tail" + bytes(reversed(range(256))) * 6  # 4100 bytes

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .loading import load_model
     from .onnx.predictor import OnnxSamPredictor
     from .predictor import SamPredictor
+    from .sam2_automatic_mask_generator import Sam2AutomaticMaskGenerator
     from .sam2_predictor import Sam2ImagePredictor
     from .sam2_video_predictor import Sam2VideoPredictor
 
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MODEL_CONFIGS": ".build",
     "OnnxSamPredictor": ".onnx.predictor",
+    "Sam2AutomaticMaskGenerator": ".sam2_automatic_mask_generator",
     "Sam2ImagePredictor": ".sam2_predictor",
     "Sam2VideoPredictor": ".sam2_video_predictor",
     "SamAutomaticMaskGenerator": ".automatic_mask_generator",
@@ -44,6 +46,7 @@ _LAZY = {
 __all__ = [
     "MODEL_CONFIGS",
     "OnnxSamPredictor",
+    "Sam2AutomaticMaskGenerator",
     "Sam2ImagePredictor",
     "Sam2VideoPredictor",
     "SamAutomaticMaskGenerator",

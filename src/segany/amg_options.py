@@ -1,11 +1,14 @@
-"""The automatic mask generator's options, defined once (NumPy only, no PyTorch).
+"""The automatic mask generators' options, defined once (NumPy only, no PyTorch).
 
-:class:`AmgOptions` is the one source of the generator's options: their names, types,
-defaults (the official generator's), bounds and help texts. Everything that offers them
-is made from it:
+:class:`AmgOptions` is the one source of SAM's generator's options: their names, types,
+defaults (the official generator's), bounds and help texts; :class:`Sam2AmgOptions` adds
+SAM 2's three (``mask_threshold``, ``use_m2m``, ``multimask_output``) and holds SAM 2's
+defaults, written as changes to SAM's. :data:`AMG_OPTIONS` maps a model family to its
+options. Everything that offers them is made from them:
 
-* :class:`~segany.automatic_mask_generator.SamAutomaticMaskGenerator` keeps the official
-  keyword signature and validates its arguments by building an ``AmgOptions``;
+* :class:`~segany.automatic_mask_generator.SamAutomaticMaskGenerator` and
+  :class:`~segany.sam2_automatic_mask_generator.Sam2AutomaticMaskGenerator` keep the
+  official keyword signatures and validate their arguments by building their options;
 * the command line's flags (``--points-per-side``, ...; see
   :func:`segany.commands.common.add_amg_arguments`) are made from :meth:`AmgOptions.specs`;
 * the web app's request body (``EverythingIn`` in :mod:`segany.serve.app`) is a pydantic
@@ -18,8 +21,9 @@ Every problem is a :class:`~segany.errors.SeganyError` naming the first bad opti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -35,8 +39,8 @@ class OptionSpec:
 
     Attributes:
         name: the keyword argument (``points_per_side``); flags and JSON keys derive from it.
-        kind: ``int``, ``float`` or ``str`` (the value's type where it is not None), or
-            None for ``point_grids`` (arrays, not a scalar).
+        kind: ``int``, ``float``, ``bool`` or ``str`` (the value's type where it is not
+            None), or None for ``point_grids`` (arrays, not a scalar).
         default: the official generator's default.
         help: one line for ``--help`` and the API schema.
         minimum: the smallest allowed value (inclusive), or None.
@@ -67,18 +71,23 @@ class OptionSpec:
                     f"{self.name} must be an integer >= {self.minimum:g}, got {value!r}"
                 )
         elif self.kind is float:
-            ok = isinstance(value, (int, float))
+            ok = isinstance(value, (int, float)) and not math.isnan(value)
             ok = ok and (self.minimum is None or value >= self.minimum)
             if self.maximum is not None:
                 ok = ok and (value < self.maximum if self.below else value <= self.maximum)
             if not ok:
                 raise SeganyError(f"{self.name} must be {self._range()}, got {value!r}")
+        elif self.kind is bool:
+            if not isinstance(value, (bool, np.bool_)):
+                raise SeganyError(f"{self.name} must be True or False, got {value!r}")
         elif self.choices is not None and value not in self.choices:
             raise SeganyError(
                 f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}"
             )
 
     def _range(self) -> str:
+        if self.minimum is None:
+            return "a number"
         if self.maximum is None:
             return f"a number >= {self.minimum:g}"
         if self.below:
@@ -86,9 +95,13 @@ class OptionSpec:
         return f"a number between {self.minimum:g} and {self.maximum:g}"
 
 
-def _option(default: Any, kind: type | None, help: str, **spec: Any) -> Any:
-    """A dataclass field whose metadata holds its :class:`OptionSpec` (less the name)."""
-    return field(default=default, metadata={"spec": {"kind": kind, "help": help, **spec}})
+def _option(
+    default: Any, kind: type | None, help: str, after: str | None = None, **spec: Any
+) -> Any:
+    """A dataclass field whose metadata holds its :class:`OptionSpec` (less the name);
+    ``after``: the option it follows in the signature, for one a subclass adds."""
+    metadata = {"spec": {"kind": kind, "help": help, **spec}, "after": after}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -216,8 +229,13 @@ class AmgOptions:
     @classmethod
     def specs(cls) -> tuple[OptionSpec, ...]:
         """Every option's :class:`OptionSpec`, in the generator's argument order."""
+        ordered: list[Field[Any]] = []
+        for f in fields(cls):
+            after = f.metadata["after"]
+            at = len(ordered) if after is None else [g.name for g in ordered].index(after) + 1
+            ordered.insert(at, f)
         return tuple(
-            OptionSpec(name=f.name, default=f.default, **f.metadata["spec"]) for f in fields(cls)
+            OptionSpec(name=f.name, default=f.default, **f.metadata["spec"]) for f in ordered
         )
 
     @classmethod
@@ -239,3 +257,39 @@ class AmgOptions:
     def to_dict(self) -> dict[str, Any]:
         """The options as the generator's keyword arguments."""
         return asdict(self)
+
+
+def _changed(name: str, default: Any, help: str | None = None) -> Any:
+    """:class:`AmgOptions`' option ``name`` with another default (and help text), for a
+    family whose generator differs there; bounds and kind stay SAM's."""
+    spec = AmgOptions.__dataclass_fields__[name].metadata["spec"]
+    metadata = {"spec": {**spec, "help": help or spec["help"]}, "after": None}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Sam2AmgOptions(AmgOptions):
+    """Options of SAM 2's automatic mask generator: SAM's (:class:`AmgOptions`) with
+    Meta's SAM 2 defaults, plus ``mask_threshold``, ``use_m2m`` and ``multimask_output``;
+    see :class:`~segany.sam2_automatic_mask_generator.Sam2AutomaticMaskGenerator`."""
+
+    pred_iou_thresh: float = _changed("pred_iou_thresh", 0.8)
+    min_mask_region_area: int = _changed(
+        "min_mask_region_area",
+        0,
+        "fill holes and drop specks of at most this many low-res mask pixels (256 x 256 "
+        "for the whole model input)",
+    )
+    mask_threshold: float = _option(
+        0.0, float, "mask logit above which a pixel is in a mask", after="stability_score_offset"
+    )
+    use_m2m: bool = _option(
+        False, bool, "refine each mask once, fed back as a mask prompt with its point"
+    )
+    multimask_output: bool = _option(
+        True, bool, "three masks per point (False: one, the model's choice)"
+    )
+
+
+# A model family's generator options: "sam" (SAM, MobileSAM, segany's models) or "sam2".
+AMG_OPTIONS: dict[str, type[AmgOptions]] = {"sam": AmgOptions, "sam2": Sam2AmgOptions}

@@ -1,18 +1,23 @@
 """Segment everything: masks for a grid of point prompts over the image and its crops.
 
-A drop-in for the official ``SamAutomaticMaskGenerator`` (same options, defaults and
-records, and the same masks and scores for the same weights). It differs only in how the
-work is done: masks are filtered by predicted IoU before they are upscaled, upscaled and
-thresholded in chunks, run-length encoded in one vectorised pass straight from the crop
-(no full-size copy), and the prompt-independent inputs of the mask decoder are computed
-once per crop.
+:class:`SamAutomaticMaskGenerator` is a drop-in for the official
+``SamAutomaticMaskGenerator`` (same options, defaults and records, and the same masks and
+scores for the same weights). It differs only in how the work is done: masks are filtered
+by predicted IoU before they are upscaled, upscaled and thresholded in chunks, run-length
+encoded in one vectorised pass straight from the crop (no full-size copy), and the
+prompt-independent inputs of the mask decoder are computed once per crop.
+
+:class:`GridMaskGenerator` is that machinery (crops, point grids, filters, NMS, RLE,
+records), shared with SAM 2's generator
+(:class:`~segany.sam2_automatic_mask_generator.Sam2AutomaticMaskGenerator`); a family
+says how a batch of points is decoded and how its low-res masks are upscaled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,7 +56,8 @@ class MaskCandidates:
         boxes: (N, 4) int64 inclusive XYXY boxes in the original image.
         iou_preds: (N,) float32 predicted IoU.
         stability: (N,) float32 stability scores.
-        points: (N, 2) float64 prompt points (x, y) in the original image.
+        points: (N, 2) prompt points (x, y) in the original image (float64 for SAM,
+            float32 for SAM 2, as the official generators keep them).
         crop_boxes: (N, 4) int64 half-open XYXY crop each mask was found in.
     """
 
@@ -87,85 +93,75 @@ class MaskCandidates:
         )
 
 
-class SamAutomaticMaskGenerator:
-    """Generates masks for everything in an image with a grid of point prompts.
+def checked_options(options_class: type[AmgOptions], arguments: dict[str, Any]) -> AmgOptions:
+    """A generator's options from its constructor's ``arguments`` (its ``locals()``): the
+    arguments named as ``options_class``'s options, checked in one place (SeganyError
+    naming the first bad one)."""
+    return options_class(**{spec.name: arguments[spec.name] for spec in options_class.specs()})
 
-    Options (defaults suit SAM ViT-H, as the official generator's):
-        model: the SAM model.
-        points_per_side: points along each side of the grid (points_per_side² points);
-            ``None`` when ``point_grids`` is given.
-        points_per_batch: points run through the mask decoder together.
-        pred_iou_thresh: keep masks whose predicted IoU is > this (0 disables).
-        stability_score_thresh: keep masks whose stability score is >= this (0 disables).
-        stability_score_offset: logit shift used for the stability score.
-        box_nms_thresh: box IoU above which duplicates within a crop are removed.
-        crop_n_layers: extra layers of crops; layer i has (2**i)² crops.
-        crop_nms_thresh: box IoU above which duplicates across crops are removed (masks from
-            smaller crops win).
-        crop_overlap_ratio: overlap of first-layer crops as a fraction of the short side.
-        crop_n_points_downscale_factor: layer i uses points_per_side / factor**i points.
-        point_grids: explicit (N, 2) grids of normalised (x, y) points, one per layer.
-        min_mask_region_area: if > 0, fill holes and remove islands smaller than this many
-            pixels, then drop new duplicates.
-        output_mode: ``binary_mask`` ((H, W) bool), ``uncompressed_rle`` or ``coco_rle``
-            (pycocotools compressed RLE with str counts).
-        precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16``
-            (see :mod:`segany.inference.precision`); ``fp32`` gives the official generator's masks.
-        compile: run the image encoder through ``torch.compile`` (see
-            :mod:`segany.inference.compilation`).
+
+class GridMaskGenerator:
+    """Masks for everything in an image from a grid of point prompts: the machinery that
+    SAM's and SAM 2's generators share (see the module documentation).
+
+    A subclass sets it up with :meth:`_setup` and supplies :meth:`_decode` (a batch of
+    points to low-res logits and predicted IoU), :meth:`_upscale` (low-res logits to
+    logits over the crop), :meth:`_reset_image` and ``mask_threshold``; its options are
+    those of its :class:`AmgOptions` (sub)class, kept as attributes of the same names.
     """
 
-    def __init__(
-        self,
-        model: Sam,
-        points_per_side: int | None = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
-        point_grids: list[np.ndarray] | None = None,
-        min_mask_region_area: int = 0,
-        output_mode: str = "binary_mask",
-        precision: str = "auto",
-        compile: bool = False,
-    ) -> None:
-        # One check of every option (SeganyError naming the first bad one).
-        self.options = AmgOptions(
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh,
-            crop_n_layers=crop_n_layers,
-            crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio,
-            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            point_grids=point_grids,
-            min_mask_region_area=min_mask_region_area,
-            output_mode=output_mode,
-        )
-        self.point_grids = self.options.layer_point_grids()
-        self.predictor = SamPredictor(model, precision=precision, compile=compile)
-        self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
-        self.stability_score_thresh = stability_score_thresh
-        self.stability_score_offset = stability_score_offset
-        self.box_nms_thresh = box_nms_thresh
-        self.crop_n_layers = crop_n_layers
-        self.crop_nms_thresh = crop_nms_thresh
-        self.crop_overlap_ratio = crop_overlap_ratio
-        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
-        self.min_mask_region_area = min_mask_region_area
-        self.output_mode = output_mode
+    # The dtype of the prompt points in the records (the official generators differ).
+    point_dtype: ClassVar[torch.dtype] = torch.float64
+    options: AmgOptions
+    point_grids: list[np.ndarray]
+    predictor: Any
+    mask_threshold: float
+    points_per_batch: int
+    pred_iou_thresh: float
+    stability_score_thresh: float
+    stability_score_offset: float
+    box_nms_thresh: float
+    crop_n_layers: int
+    crop_nms_thresh: float
+    crop_overlap_ratio: float
+    crop_n_points_downscale_factor: int
+    min_mask_region_area: int
+    output_mode: str
+
+    def _setup(self, predictor: Any, options: AmgOptions) -> None:
+        """Run on ``predictor`` with checked ``options``; each option (but
+        ``point_grids``: the per-layer grids) becomes an attribute, as the official
+        generators keep them."""
+        self.options = options
+        self.point_grids = options.layer_point_grids()
+        self.predictor = predictor
+        for spec in options.specs():
+            if spec.name not in ("points_per_side", "point_grids"):
+                setattr(self, spec.name, getattr(options, spec.name))
+
+    # -- what a family supplies ---------------------------------------------------------
+
+    def _decode(
+        self, points: torch.Tensor, crop_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (B, C, h, w) and predicted IoU (B, C) of C masks for each of B
+        single-point prompts, (B, 2) (x, y) pixels of the crop set on the predictor."""
+        raise NotImplementedError
+
+    def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
+        """(M, h, w) low-res logits -> (M, H, W) logits over the (H, W) crop."""
+        raise NotImplementedError
+
+    def _reset_image(self) -> None:
+        """Forget the crop set on the predictor."""
+        raise NotImplementedError
+
+    def _postprocess(self, candidates: MaskCandidates) -> MaskCandidates:
+        """The last step before the records (none by default)."""
+        return candidates
 
     @property
-    def model(self) -> Sam:
+    def model(self) -> Any:
         return self.predictor.model
 
     # -- public API -------------------------------------------------------------------
@@ -183,14 +179,7 @@ class SamAutomaticMaskGenerator:
             ``point_coords`` ([[x, y]] prompt), ``stability_score`` and ``crop_box`` (XYWH).
         """
         check_image(image, "RGB")
-        candidates = self.generate_candidates(image)
-        if self.min_mask_region_area > 0 and len(candidates) > 0:
-            candidates = self.postprocess_small_regions(
-                candidates,
-                self.min_mask_region_area,
-                max(self.box_nms_thresh, self.crop_nms_thresh),
-            )
-        return self.records(candidates)
+        return self.records(self._postprocess(self.generate_candidates(image)))
 
     def records(self, candidates: MaskCandidates) -> list[dict[str, Any]]:
         """Output records (see :meth:`generate`) for ``candidates``."""
@@ -260,12 +249,13 @@ class SamAutomaticMaskGenerator:
         crop_size = crop.shape[:2]
         self.predictor.set_image(crop)
         # Grid points scaled to the crop's pixels, x then y.
-        points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+        grid = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+        points = torch.as_tensor(grid, dtype=self.point_dtype)
         parts = [
             self._process_batch(points[start : start + self.points_per_batch], crop_box, image)
             for start in range(0, len(points), self.points_per_batch)
         ]
-        self.predictor.reset_image()
+        self._reset_image()
         candidates = MaskCandidates.concat(parts)
         offset = torch.tensor([x0, y0, x0, y0])
         keep = batched_nms(
@@ -283,42 +273,21 @@ class SamAutomaticMaskGenerator:
 
     # -- point batches ----------------------------------------------------------------
 
-    def _decode(
-        self, points: np.ndarray, crop_size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res logits (B, 3, 4h, 4w) and predicted IoU (B, 3) for B single-point prompts.
-
-        ``points`` (B, 2) are pixels of the crop; the predictor's image must be that crop.
-        """
-        coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size))
-        # The official generator passes float64 points, which the prompt encoder shifts to
-        # pixel centres (+0.5) before rounding to float32. Rounding the shifted value here
-        # and undoing the shift (exact in float32) gives the model the same numbers.
-        coords = ((coords + 0.5).float() - 0.5).to(self.predictor.device)[:, None, :]
-        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
-        # The generator drops masks under pred_iou_thresh anyway: the decoder skips
-        # upscaling the prompt sets with none above it (their masks are most of a decode).
-        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
-        return self.predictor.decode_low_res(
-            0, (coords, labels), multimask_output=True, min_iou=min_iou
-        )
-
-    def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
-        """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""
-        assert self.predictor.input_size is not None
-        return upscale_logits(
-            low_res[:, None], self.model.image_size, self.predictor.input_size, crop_size
-        )[:, 0]
+    def _min_iou(self) -> float | None:
+        """The IoU below which the decoder may leave a prompt set's masks out: the
+        generator drops masks under pred_iou_thresh anyway, and skipping the upscaling of
+        the sets with none above it spares most of their decode."""
+        return self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
 
     def _process_batch(
         self,
-        points: np.ndarray,
+        points: torch.Tensor,
         crop_box: list[int],
         image: np.ndarray,
     ) -> MaskCandidates:
         """Masks for a batch of (B, 2) crop-pixel points that pass the quality filters.
 
-        Rows are point-major (the 3 masks of point 0, then of point 1, ...). Boxes and
+        Rows are point-major (the C masks of point 0, then of point 1, ...). Boxes and
         points stay in the crop's frame; RLEs are already in the image's frame; crop boxes
         are left for :meth:`_process_crop` to fill.
         """
@@ -327,7 +296,7 @@ class SamAutomaticMaskGenerator:
         low_res, iou_preds = self._decode(points, crop_size)
         n_out = low_res.shape[1]
         low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)
-        point_rows = torch.as_tensor(points).repeat_interleave(n_out, dim=0)
+        point_rows = points.repeat_interleave(n_out, dim=0)
         # The IoU filter needs no upscaling, so it runs first and spares most of that work.
         if self.pred_iou_thresh > 0.0:
             keep = torch.nonzero(iou_preds > self.pred_iou_thresh).flatten()
@@ -356,7 +325,7 @@ class SamAutomaticMaskGenerator:
         Returns (K, H, W) bool masks over the crop, their (K,) float32 stability scores and
         the (K,) indices of the kept rows.
         """
-        threshold = self.model.mask_threshold
+        threshold = self.mask_threshold
         masks, scores, kept = [], [], []
         for start in range(0, low_res.shape[0], UPSCALE_CHUNK):
             logits = self._upscale(low_res[start : start + UPSCALE_CHUNK], crop_size)
@@ -413,3 +382,103 @@ class SamAutomaticMaskGenerator:
             crop_boxes=candidates.crop_boxes,
         )
         return candidates.select(keep)
+
+
+class SamAutomaticMaskGenerator(GridMaskGenerator):
+    """Generates masks for everything in an image with a grid of point prompts (SAM).
+
+    Options (defaults suit SAM ViT-H, as the official generator's):
+        model: the SAM model.
+        points_per_side: points along each side of the grid (points_per_side² points);
+            ``None`` when ``point_grids`` is given.
+        points_per_batch: points run through the mask decoder together.
+        pred_iou_thresh: keep masks whose predicted IoU is > this (0 disables).
+        stability_score_thresh: keep masks whose stability score is >= this (0 disables).
+        stability_score_offset: logit shift used for the stability score.
+        box_nms_thresh: box IoU above which duplicates within a crop are removed.
+        crop_n_layers: extra layers of crops; layer i has (2**i)² crops.
+        crop_nms_thresh: box IoU above which duplicates across crops are removed (masks from
+            smaller crops win).
+        crop_overlap_ratio: overlap of first-layer crops as a fraction of the short side.
+        crop_n_points_downscale_factor: layer i uses points_per_side / factor**i points.
+        point_grids: explicit (N, 2) grids of normalised (x, y) points, one per layer.
+        min_mask_region_area: if > 0, fill holes and remove islands smaller than this many
+            pixels, then drop new duplicates.
+        output_mode: ``binary_mask`` ((H, W) bool), ``uncompressed_rle`` or ``coco_rle``
+            (pycocotools compressed RLE with str counts).
+        precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16``
+            (see :mod:`segany.inference.precision`); ``fp32`` gives the official generator's masks.
+        compile: run the image encoder through ``torch.compile`` (see
+            :mod:`segany.inference.compilation`).
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        precision: str = "auto",
+        compile: bool = False,
+    ) -> None:
+        options = checked_options(AmgOptions, locals())
+        self._setup(SamPredictor(model, precision=precision, compile=compile), options)
+
+    @property
+    def model(self) -> Sam:
+        return self.predictor.model
+
+    @property
+    def mask_threshold(self) -> float:
+        """The model's logit threshold (the official generator has no option for it)."""
+        return self.model.mask_threshold
+
+    def _decode(
+        self, points: torch.Tensor | np.ndarray, crop_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (B, 3, 4h, 4w) and predicted IoU (B, 3) for B single-point prompts.
+
+        ``points`` (B, 2) float64 are pixels of the crop; the predictor's image must be that
+        crop.
+        """
+        pixels = np.asarray(points, dtype=np.float64)  # a tensor, or an array (older callers)
+        coords = torch.as_tensor(self.predictor.transform.apply_coords(pixels, crop_size))
+        # The official generator passes float64 points, which the prompt encoder shifts to
+        # pixel centres (+0.5) before rounding to float32. Rounding the shifted value here
+        # and undoing the shift (exact in float32) gives the model the same numbers.
+        coords = ((coords + 0.5).float() - 0.5).to(self.predictor.device)[:, None, :]
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        return self.predictor.decode_low_res(
+            0, (coords, labels), multimask_output=True, min_iou=self._min_iou()
+        )
+
+    def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
+        """(M, 4h, 4w) low-res logits -> (M, H, W) logits over the crop (as the predictor)."""
+        assert self.predictor.input_size is not None
+        return upscale_logits(
+            low_res[:, None], self.model.image_size, self.predictor.input_size, crop_size
+        )[:, 0]
+
+    def _reset_image(self) -> None:
+        self.predictor.reset_image()
+
+    def _postprocess(self, candidates: MaskCandidates) -> MaskCandidates:
+        """With ``min_mask_region_area``, fill small holes and drop small islands (see
+        :meth:`postprocess_small_regions`)."""
+        if self.min_mask_region_area > 0 and len(candidates) > 0:
+            candidates = self.postprocess_small_regions(
+                candidates,
+                self.min_mask_region_area,
+                max(self.box_nms_thresh, self.crop_nms_thresh),
+            )
+        return candidates

@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here: an ONNX-only install has no torch, and main() says so in one line.
-    from .commands import engine, everything, export, segment, serve, train, weights
+    from .commands import engine, everything, export, segment, serve, track, train, weights
     from .commands import eval as eval_command
 
     parser = _Parser(
@@ -35,7 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"segany {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (segment, everything, weights, train, eval_command, export, serve, engine):
+    for command in (
+        segment,
+        everything,
+        track,
+        weights,
+        train,
+        eval_command,
+        export,
+        serve,
+        engine,
+    ):
         command.add_parser(subparsers)
     return parser
 

@@ -466,3 +466,34 @@ def remove_small_regions(
         if not keep_label.any():
             keep_label[1 + int(np.argmax(sizes))] = True
     return keep_label[labels], True
+
+
+def remove_small_logit_regions(
+    logits: torch.Tensor, max_area: int, threshold: float = 0.0, shift: float = 10.0
+) -> torch.Tensor:
+    """SAM 2's clean-up of low-res mask logits (its image predictor's ``max_hole_area``
+    and ``max_sprinkle_area``): holes, 8-connected regions of pixels at or below
+    ``threshold`` with at most ``max_area`` pixels, get the logit ``threshold + shift``;
+    specks, such regions above it, get ``threshold - shift``. Both are found in the
+    logits as given (a region touching the border counts too).
+
+    Args:
+        logits: (M, h, w) float mask logits.
+
+    Returns:
+        (M, h, w) cleaned logits (a new tensor).
+    """
+    cleaned = logits.clone()
+    for plane, out in zip(logits.detach().cpu().numpy(), cleaned, strict=True):
+        for region, value in (
+            (plane <= threshold, threshold + shift),
+            (plane > threshold, threshold - shift),
+        ):
+            _, labels, stats, _ = cv2.connectedComponentsWithStats(
+                region.astype(np.uint8), connectivity=8
+            )
+            small = stats[:, cv2.CC_STAT_AREA] <= max_area
+            small[0] = False  # label 0: the pixels outside ``region``
+            if small.any():
+                out[torch.from_numpy(small[labels]).to(out.device)] = value
+    return cleaned
