@@ -10,6 +10,8 @@ dict (the video memory's tensors included).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,10 +68,13 @@ def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
 
 
-def meta_sam2() -> SAM2Base:
-    """Meta's :data:`NAME` model with random weights, its mask logits sharpened."""
+def meta_sam2(image_size: int | None = None) -> SAM2Base:
+    """Meta's :data:`NAME` model with random weights, its mask logits sharpened; at another
+    input size than 1024 if ``image_size`` is given (for cheap tests of what runs it)."""
     torch.manual_seed(0)  # randomize_ keeps the initialisation's matrices (and adds noise)
-    model = randomize_(build_sam2(yaml_path(NAME), ckpt_path=None, device="cpu"), seed=0)
+    overrides = [] if image_size is None else [f"++model.image_size={image_size}"]
+    meta = build_sam2(yaml_path(NAME), None, "cpu", hydra_overrides_extra=overrides)
+    model = randomize_(meta, seed=0)
     with torch.no_grad():
         for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
             mlp.layers[-1].weight.mul_(LOGIT_SCALE)
@@ -80,7 +85,8 @@ def meta_sam2() -> SAM2Base:
 def segany_sam2(meta_model: SAM2Base) -> Sam2:
     """segany's :data:`NAME` model with ``meta_model``'s weights (all of them: every
     tensor of Meta's state dict loads, strictly)."""
-    ours = Sam2.from_config(SAM2_CONFIGS[NAME]).eval()
+    config = dataclasses.replace(SAM2_CONFIGS[NAME], image_size=meta_model.image_size)
+    ours = Sam2.from_config(config).eval()
     ours.load_official_state_dict(meta_model.state_dict())
     return ours
 

@@ -27,11 +27,13 @@ from .build import (
     canonical_model_name,
     config_from_dict,
     config_to_dict,
+    is_sam2_name,
     registry_config,
     sam2_config_name,
 )
 from .checkpoint import (
     detect_model_type,
+    is_sam2_state_dict,
     load_state_dict_into,
     read_metadata,
     read_state_dict,
@@ -127,8 +129,20 @@ def _config_from_metadata(text: str) -> SamConfig | Sam2Config:
     return config_from_dict(data)
 
 
+def model_family(name: str | None = None, checkpoint: str | Path | None = None) -> str:
+    """ "sam2" or "sam": the family of the model :func:`load_model` would build from the same
+    arguments (a checkpoint without a name is read to tell)."""
+    if name is not None:
+        return "sam2" if is_sam2_name(canonical_model_name(name)) else "sam"
+    if checkpoint is None:
+        return "sam"
+    return "sam2" if is_sam2_state_dict(read_state_dict(checkpoint)) else "sam"
+
+
 def official_weights_for(name: str) -> weights.WeightsInfo | None:
-    """The downloadable official checkpoint of a registry model, if it has one."""
+    """The downloadable official checkpoint of a registry model (any of its names), if it
+    has one."""
+    name = canonical_model_name(name)
     return next((w for w in weights.WEIGHTS.values() if w.model_type == name), None)
 
 

@@ -43,8 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from .amg_options import Sam2AmgOptions
-from .automatic_mask_generator import GridMaskGenerator, checked_options
+from .automatic_mask_generator import (
+    GridMaskGenerator,
+    SamAutomaticMaskGenerator,
+    checked_options,
+)
 from .masks import remove_small_logit_regions
+from .modeling.sam import Sam
 from .modeling.sam2 import Sam2
 from .sam2_predictor import LOW_RES_LIMIT, Sam2ImagePredictor
 
@@ -216,3 +221,13 @@ class Sam2AutomaticMaskGenerator(GridMaskGenerator):
 
     def _reset_image(self) -> None:
         self.predictor.reset_predictor()
+
+
+def automatic_mask_generator_for(
+    model: Sam | Sam2, **options: Any
+) -> SamAutomaticMaskGenerator | Sam2AutomaticMaskGenerator:
+    """The automatic mask generator of ``model``'s family (SAM's or SAM 2's) with the
+    keyword arguments ``options`` (that family's options, precision, compile)."""
+    if isinstance(model, Sam2):
+        return Sam2AutomaticMaskGenerator(model, **options)
+    return SamAutomaticMaskGenerator(model, **options)

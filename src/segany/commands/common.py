@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..amg_options import AmgOptions
+from ..amg_options import AMG_OPTIONS, AmgOptions, OptionSpec
 from ..build import MODEL_NAMES
 from ..errors import SeganyError
 from ..inference.precision import PRECISIONS, resolve_precision
-from ..loading import load_model, resolve_device
+from ..loading import load_model, model_family, resolve_device
 from ..modeling import Sam, Sam2
 from ..predictor import SamPredictor
 from ..sam2_predictor import Sam2ImagePredictor
@@ -52,28 +52,69 @@ def add_model_arguments(
         )
 
 
+# How the families' names read in help texts.
+_FAMILY_NAMES = {"sam": "SAM", "sam2": "SAM 2"}
+
+
+def _flag_specs() -> dict[str, tuple[OptionSpec, dict[str, Any]]]:
+    """Every generator option a command line can give (``point_grids`` and ``output_mode``
+    cannot), over all model families: its spec and its default in each family having it."""
+    flags: dict[str, tuple[OptionSpec, dict[str, Any]]] = {}
+    for family, options in AMG_OPTIONS.items():
+        for spec in options.specs():
+            if spec.flag:
+                flags.setdefault(spec.name, (spec, {}))[1][family] = spec.default
+    return flags
+
+
+def _defaults_text(defaults: dict[str, Any]) -> str:
+    shown = {
+        family: f"{value:.4g}" if isinstance(value, float) else str(value)
+        for family, value in defaults.items()
+    }
+    if len(shown) == len(AMG_OPTIONS) and len(set(shown.values())) == 1:
+        return f"default: {next(iter(shown.values()))}"
+    return "; ".join(f"{_FAMILY_NAMES[family]}: {value}" for family, value in shown.items())
+
+
 def add_amg_arguments(parser: argparse.ArgumentParser) -> None:
-    """A flag per option of :class:`~segany.amg_options.AmgOptions` that a command line can
-    give (``--points-per-side``, ...; not ``point_grids`` or ``output_mode``), with the
-    generator's defaults; read them back with :func:`amg_options`."""
-    group = parser.add_argument_group("mask generator (defaults as SAM's)")
-    for spec in AmgOptions.specs():
-        if not spec.flag:
-            continue
+    """A flag per option of the automatic mask generators (:data:`AMG_OPTIONS`:
+    ``--points-per-side``, ...), defaulting to the model family's official default; read
+    them back with :func:`amg_options`."""
+    group = parser.add_argument_group("mask generator (defaults as the official generators')")
+    for name, (spec, defaults) in _flag_specs().items():
+        if spec.kind is bool:
+            kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": spec.kind, "metavar": "N" if spec.kind is int else "X"}
+        only = (
+            ""
+            if len(defaults) == len(AMG_OPTIONS)
+            else f"{_FAMILY_NAMES[next(iter(defaults))]} only; "
+        )
         group.add_argument(
-            "--" + spec.name.replace("_", "-"),
-            type=spec.kind,
-            default=spec.default,
-            metavar="N" if spec.kind is int else "X",
-            help=f"{spec.help} (default: {spec.default:.4g})",
+            "--" + name.replace("_", "-"),
+            default=None,
+            help=f"{spec.help} ({only}{_defaults_text(defaults)})",
+            **kind,
         )
 
 
 def amg_options(args: argparse.Namespace, output_mode: str) -> AmgOptions:
-    """The generator's options from the flags of :func:`add_amg_arguments`; bad options
-    fail here, before any model loads."""
-    values = {spec.name: getattr(args, spec.name) for spec in AmgOptions.specs() if spec.flag}
-    return AmgOptions(**values, output_mode=output_mode)
+    """The generator options of the family of the model that ``--model``/``--checkpoint``
+    name, from the flags of :func:`add_amg_arguments` (unset flags at that family's
+    defaults); bad options fail here, before any model loads."""
+    family = model_family(args.model, args.checkpoint)
+    options = AMG_OPTIONS[family]
+    known = {spec.name for spec in options.specs()}
+    given = {name: value for name in _flag_specs() if (value := getattr(args, name)) is not None}
+    for name in given:
+        if name not in known:
+            raise SeganyError(
+                f"--{name.replace('_', '-')} is not an option of {_FAMILY_NAMES[family]}'s "
+                "mask generator"
+            )
+    return options(**given, output_mode=output_mode)
 
 
 def model_from_args(args: argparse.Namespace) -> Sam | Sam2:

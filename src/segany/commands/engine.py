@@ -19,7 +19,7 @@ from typing import Any
 
 from ..amg_options import AmgOptions
 from ..atomic import check_writable
-from ..build import MODEL_CONFIGS
+from ..build import registry_config
 from ..engine.annotate import OUTPUT_MODE, ModelSpec
 from ..engine.auto import FAILURES_FILE, RunSettings, Summary, plan_auto, resolve_ray, run_auto
 from ..engine.propose import DEFAULT_MAX_OVERLAP, propose
@@ -206,10 +206,8 @@ def _model_spec(
     """The model each worker loads, the generator's options and ``inference`` (precision
     and compile, from :func:`inference_options`); unknown names and missing files fail
     here, at once."""
-    if args.model is not None and args.model not in MODEL_CONFIGS:
-        raise SeganyError(
-            f"unknown model {args.model!r}; choose one of: {', '.join(MODEL_CONFIGS)}"
-        )
+    if args.model is not None:
+        registry_config(args.model)  # an unknown name fails here, naming the known ones
     checkpoint = None
     if args.checkpoint is not None:
         path = Path(args.checkpoint).expanduser()

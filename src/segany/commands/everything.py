@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..amg_options import AmgOptions
 from ..atomic import atomic_paths
-from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..engine.sources import Job, output_folder, require_inputs
 from ..engine.sources import plan_jobs as plan_jobs_for
 from ..errors import SeganyError
@@ -37,6 +37,7 @@ from ..masks.formats import (
     write_json,
     write_overlay,
 )
+from ..sam2_automatic_mask_generator import automatic_mask_generator_for
 from .common import (
     add_amg_arguments,
     add_model_arguments,
@@ -147,7 +148,7 @@ def assemble_coco(jobs: list[Job], outdir: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``segany everything``; returns the exit status (see the parser's epilog)."""
-    options = amg_options(args, OUTPUT_MODE[args.format]).to_dict()
+    options = amg_options(args, OUTPUT_MODE[args.format])
     inference = inference_options(args)
     outdir = output_folder(args.output)
     paths = require_inputs(args.input, outdir)
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [job for job in jobs if args.overwrite or not job.done()]
     outdir.mkdir(parents=True, exist_ok=True)
 
-    generator: SamAutomaticMaskGenerator | None = None  # loaded only if there is work
+    generator = None  # loaded only if there is work
     failed: list[tuple[Path, str]] = []
     masks = 0
     for job in tqdm(todo, desc="everything", unit="image", file=sys.stderr, disable=None):
@@ -166,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
             failed.append((job.path, str(error)))
             continue
         if generator is None:
-            generator = SamAutomaticMaskGenerator(model_from_args(args), **options, **inference)
+            generator = automatic_mask_generator_for(
+                model_from_args(args), **options.to_dict(), **inference
+            )
         records = generator.generate(image)
         write_outputs(job, args.format, image, records)
         masks += len(records)
@@ -175,19 +178,19 @@ def run(args: argparse.Namespace) -> int:
         coco_file = assemble_coco(jobs, outdir)
     _print_summary(len(jobs), len(todo) - len(failed), masks, failed, outdir)
     if masks == 0 and len(todo) > len(failed):
-        _hint_no_masks(args)
+        _hint_no_masks(args, options)
     if args.format == "coco":
         print(f"COCO instances: {coco_file}")
     return 1 if failed else 0
 
 
-def _hint_no_masks(args: argparse.Namespace) -> None:
+def _hint_no_masks(args: argparse.Namespace, options: AmgOptions) -> None:
     """One line on stderr when the quality filters left no mask at all."""
-    if not (args.pred_iou_thresh or args.stability_score_thresh):
+    if not (options.pred_iou_thresh or options.stability_score_thresh):
         return
     hint = (
         "segany everything: no mask passed the quality filters (predicted IoU > "
-        f"{args.pred_iou_thresh}, stability >= {args.stability_score_thresh}); lower them "
+        f"{options.pred_iou_thresh}, stability >= {options.stability_score_thresh}); lower them "
         "(--pred-iou-thresh 0 --stability-score-thresh 0 keeps every mask)"
     )
     if args.checkpoint is None and args.model in (None, "default"):

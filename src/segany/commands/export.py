@@ -8,7 +8,7 @@ from pathlib import Path
 from ..atomic import check_writable
 from ..loading import load_model
 from ..onnx.export import DEFAULT_OPSET, check_export_packages, check_opset, export_onnx
-from ..onnx.format import DecoderOptions
+from ..onnx.format import SAM2, DecoderOptions
 from .common import add_model_arguments
 
 
@@ -17,9 +17,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export a model to ONNX (encoder.onnx, decoder.onnx, model.json)",
-        description="Write DIR/encoder.onnx (image resized to the model's size -> embedding), "
-        "DIR/decoder.onnx (embedding + prompts -> masks, with the inputs and outputs of the "
-        "official SAM ONNX export) and DIR/model.json. Use them with "
+        description="Write DIR/encoder.onnx (image resized to the model's size -> embedding; "
+        "for SAM 2 the squashed, normalised 1024 x 1024 model input -> embedding and "
+        "high-resolution features), DIR/decoder.onnx (embedding + prompts -> masks, with the "
+        "inputs and outputs of the official SAM ONNX export) and DIR/model.json (the model's "
+        "family, SAM or SAM 2, and its input conventions). Works for SAM, MobileSAM, segany's "
+        "models and SAM 2 (--model sam2.1_t etc., or a SAM 2 --checkpoint). Use them with "
         "segany.onnx.OnnxSamPredictor (pip install 'segany[onnx]', no PyTorch) or "
         "a front end made for SAM's ONNX model.",
         epilog="Exit status: 0 on success, 2 for bad options or a missing package.",
@@ -44,7 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--return-single-mask",
         action="store_true",
-        help="output one mask chosen as the official model does, not all four",
+        help="output one mask chosen as the official model does (SAM 2: as SAM 2 "
+        "does), not all four",
     )
     group.add_argument(
         "--use-stability-score",
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=Path(args.checkpoint).name if args.checkpoint else None,
     )
     what = "uint8 quantised" if args.quantize else "float32"
-    print(f"exported {what}, opset {args.opset}, to {result.model_dir}:")
+    family = "SAM 2" if result.info.family == SAM2 else "SAM"
+    print(f"exported {what} {family} model, opset {args.opset}, to {result.model_dir}:")
     for path in result.files:
         print(f"  {path.name} ({_size(path.stat().st_size)})")
     for graph, difference in result.max_abs_diff.items():

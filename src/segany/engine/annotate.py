@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..amg_options import AmgOptions
-from ..automatic_mask_generator import SamAutomaticMaskGenerator
+from ..amg_options import AMG_OPTIONS, AmgOptions
 from ..errors import SeganyError
 from ..images import read_image
 from ..masks.formats import sa1b_document
+from ..sam2_automatic_mask_generator import automatic_mask_generator_for
 
 # SA-1B documents carry COCO RLE, which the generator writes fastest from uncompressed RLE.
 OUTPUT_MODE = "uncompressed_rle"
@@ -31,7 +31,7 @@ class ModelSpec:
     """What each worker loads: a registry model and/or a checkpoint, on a device, and how
     the automatic mask generator runs it: its ``options`` (their ``output_mode`` is
     replaced by :data:`OUTPUT_MODE`), ``precision`` and ``compile`` (see
-    :class:`~segany.automatic_mask_generator.SamAutomaticMaskGenerator`)."""
+    :class:`~segany.automatic_mask_generator.SamAutomaticMaskGenerator` and SAM 2's)."""
 
     model: str | None = None
     checkpoint: str | None = None
@@ -42,11 +42,14 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for a Ray actor's arguments); :meth:`from_dict` reads it back."""
-        return asdict(self)
+        family = next(name for name, kind in AMG_OPTIONS.items() if type(self.options) is kind)
+        return {**asdict(self), "family": family}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**{**data, "options": AmgOptions(**data["options"])})
+        fields = {key: value for key, value in data.items() if key != "family"}
+        options = AMG_OPTIONS[data.get("family", "sam")](**data["options"])
+        return cls(**{**fields, "options": options})
 
     def generator_options(self) -> dict[str, Any]:
         """The generator's keyword arguments (less the model)."""
@@ -107,7 +110,7 @@ class Annotator:
     def __init__(self, spec: ModelSpec) -> None:
         from ..loading import load_model  # the model stack is imported where it runs
 
-        self.generator = SamAutomaticMaskGenerator(
+        self.generator = automatic_mask_generator_for(
             load_model(spec.model, spec.checkpoint, spec.device), **spec.generator_options()
         )
 

@@ -1,9 +1,16 @@
-"""Export a SAM model to ONNX: an image encoder and the official decoder interface.
+"""Export a SAM or SAM 2 model to ONNX: an image encoder and the official decoder interface.
 
 :func:`export_onnx` writes ``encoder.onnx``, ``decoder.onnx`` and ``model.json`` into a
 folder (layout and tensor conventions in :mod:`segany.onnx.format`). The decoder takes
 the official export's inputs and gives its outputs, so front ends written for
 ``segment-anything``'s ONNX model run segany models unchanged.
+
+The two families share the wrappers below and differ only where their models do: a
+:class:`~segany.modeling.sam2.Sam2` model's encoder graph starts at its preprocessed,
+squashed model input (:class:`Sam2OnnxEncoder`: a fixed S x S, so nothing in it is
+dynamic) and its decoder graph resizes the masks straight to the original size, chooses
+a single mask as SAM 2 does and clamps the low-res logits as Meta's predictor does
+(:class:`Sam2OnnxDecoder`).
 
 How it is exported: PyTorch's ``torch.export``-based ONNX exporter (opset 18 or newer;
 the older TorchScript exporter cannot trace the channel count of ``LayerNorm2d`` once
@@ -30,7 +37,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,11 +50,16 @@ from ..atomic import commit_file, write_text_atomic
 from ..errors import SeganyError
 from ..masks import stability_score
 from ..modeling import Sam
+from ..modeling.sam2 import Sam2
+from ..sam2_predictor import LOW_RES_LIMIT
 from .format import (
     DECODER_FILE,
     ENCODER_FILE,
     ENCODER_INPUT,
+    FAMILY_CONVENTIONS,
     METADATA_FILE,
+    SAM,
+    SAM2,
     DecoderOptions,
     ModelInfo,
     decoder_inputs,
@@ -58,6 +70,9 @@ from .format import (
 MIN_OPSET = 18  # the lowest opset PyTorch's exporter emits without a lossy conversion
 DEFAULT_OPSET = 18
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+# The models this module exports.
+SamModel = Sam | Sam2
 
 
 # -------------------------------------------------------------------------------------
@@ -73,13 +88,48 @@ class SamOnnxEncoder(nn.Module):
     high-resolution features by those, (1, C/8, 4g, 4g) and (1, C/4, 2g, 2g).
     """
 
-    def __init__(self, model: Sam) -> None:
+    # Input axes the graph keeps dynamic, by input name.
+    dynamic_axes: ClassVar[dict[str, dict[int, str]]] = {ENCODER_INPUT: {2: "height", 3: "width"}}
+
+    def __init__(self, model: SamModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        embedding, high_res = self.model.encode_image(self.model.preprocess(image))
+        embedding, high_res = self.model.encode_image(self.preprocess(image))
         return embedding if high_res is None else (embedding, *high_res)
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """What the graph does before the encoder: SAM's normalisation and padding."""
+        return self.model.preprocess(image)
+
+    def sample_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Inputs to export with and to check the export on."""
+        return (sample_encoder_input(self.model.image_size),)
+
+
+class Sam2OnnxEncoder(SamOnnxEncoder):
+    """SAM 2's image encoder from its model input: ``image`` (1, 3, S, S) float32, the
+    image squashed to S x S and normalised (:meth:`Sam2.preprocess`, done by the runtime:
+    its antialiased resize of an image of any size cannot be a fixed-size graph input
+    and has no ONNX operator). Outputs as :class:`SamOnnxEncoder`'s, ``image_embeddings``
+    with ``no_mem_embed`` added (:meth:`Sam2.encode_image`)."""
+
+    dynamic_axes: ClassVar[dict[str, dict[int, str]]] = {}
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def sample_inputs(self) -> tuple[torch.Tensor, ...]:
+        """A (1, 3, S, S) normalised-looking input (values about N(0, 1))."""
+        size = self.model.image_size
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randn((1, 3, size, size), generator=generator),)
+
+
+def onnx_encoder(model: SamModel) -> SamOnnxEncoder:
+    """The encoder wrapper that fits ``model`` (SAM or SAM 2)."""
+    return Sam2OnnxEncoder(model) if isinstance(model, Sam2) else SamOnnxEncoder(model)
 
 
 def select_single_mask(
@@ -115,7 +165,7 @@ class SamOnnxDecoder(nn.Module):
     with ``return_single_mask``; see :class:`segany.onnx.format.DecoderOptions`.
     """
 
-    def __init__(self, model: Sam, options: DecoderOptions | None = None) -> None:
+    def __init__(self, model: SamModel, options: DecoderOptions | None = None) -> None:
         super().__init__()
         self.model = model
         self.options = options or DecoderOptions()
@@ -147,7 +197,7 @@ class SamOnnxDecoder(nn.Module):
         masks = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
         height, width = self._input_size(orig_size)
         masks = masks[..., :height, :width]
-        return F.interpolate(masks, _positive_size(orig_size), mode="bilinear", align_corners=False)
+        return _resize_to(masks, orig_size)
 
     def forward(
         self,
@@ -191,13 +241,24 @@ class SamOnnxDecoder(nn.Module):
         if options.use_stability_score:
             scores = stability_score(low_res, threshold, options.stability_score_offset)
         if options.return_single_mask:
-            low_res, scores = select_single_mask(low_res, scores, point_labels)
+            low_res, scores = self._single_mask(low_res, scores, point_labels)
         masks = self._upscale(low_res, orig_im_size)
+        low_res_out = self._low_res_output(low_res)
         if not options.return_extra_metrics:
-            return masks, scores, low_res
+            return masks, scores, low_res_out
         stability = stability_score(masks, threshold, options.stability_score_offset)
         areas = (masks > threshold).sum(dim=(-2, -1))
-        return masks, scores, stability, areas, low_res
+        return masks, scores, stability, areas, low_res_out
+
+    def _single_mask(
+        self, masks: torch.Tensor, scores: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask of (1, T, h, w) / (1, T) for ``return_single_mask``: the official rule."""
+        return select_single_mask(masks, scores, point_labels)
+
+    def _low_res_output(self, low_res: torch.Tensor) -> torch.Tensor:
+        """The ``low_res_masks`` output: the logits as they are, for SAM."""
+        return low_res
 
 
 class SamOnnxHighResDecoder(SamOnnxDecoder):
@@ -226,10 +287,45 @@ class SamOnnxHighResDecoder(SamOnnxDecoder):
         )
 
 
-def onnx_decoder(model: Sam, options: DecoderOptions | None = None) -> SamOnnxDecoder:
-    """The decoder wrapper that fits ``model`` (with high-resolution features or not)."""
-    wrapper = SamOnnxHighResDecoder if model.mask_decoder.use_high_res_features else SamOnnxDecoder
+class Sam2OnnxDecoder(SamOnnxHighResDecoder):
+    """SAM 2's decoder (inputs and outputs as :class:`SamOnnxHighResDecoder`'s).
+
+    What differs, as Meta's ``SAM2ImagePredictor``: point coordinates are in the S x S
+    square's pixels, scaled per axis; the masks are the low-res logits resized straight to
+    the original size (the image was squashed, not padded); ``low_res_masks`` are clamped
+    to +-32 (the masks are made before the clamp); ``iou_predictions`` end in SAM 2's
+    sigmoid; ``return_single_mask`` is SAM 2's choice (token 0 if stable, else the best
+    multimask output).
+    """
+
+    def _upscale(self, low_res: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        return _resize_to(low_res, orig_im_size.long())
+
+    def _single_mask(
+        self, masks: torch.Tensor, scores: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.mask_decoder.stable_single_or_best_multimask(masks, scores)
+
+    def _low_res_output(self, low_res: torch.Tensor) -> torch.Tensor:
+        # Meta's predictor returns them clamped; they are fed back as mask input.
+        return low_res.clamp(-LOW_RES_LIMIT, LOW_RES_LIMIT)
+
+
+def onnx_decoder(model: SamModel, options: DecoderOptions | None = None) -> SamOnnxDecoder:
+    """The decoder wrapper that fits ``model`` (SAM 2, SAM with high-resolution features
+    or plain SAM)."""
+    if isinstance(model, Sam2):
+        wrapper: type[SamOnnxDecoder] = Sam2OnnxDecoder
+    elif model.mask_decoder.use_high_res_features:
+        wrapper = SamOnnxHighResDecoder
+    else:
+        wrapper = SamOnnxDecoder
     return wrapper(model, options)
+
+
+def _resize_to(masks: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """(1, C, h, w) -> (1, C, H, W) bilinearly, (H, W) the int64 (2,) ``size``."""
+    return F.interpolate(masks, _positive_size(size), mode="bilinear", align_corners=False)
 
 
 def _positive_size(size: torch.Tensor, limit: int | None = None) -> tuple[int, int]:
@@ -285,7 +381,7 @@ def sample_encoder_input(img_size: int) -> torch.Tensor:
     return torch.rand((1, 3, img_size, img_size * 3 // 4), generator=generator) * 255
 
 
-def sample_decoder_inputs(model: Sam) -> tuple[torch.Tensor, ...]:
+def sample_decoder_inputs(model: SamModel) -> tuple[torch.Tensor, ...]:
     """Official-style dummy inputs: five points of every label, a mask, a 400 x 600 image
     (small, to keep the check after export quick; sizes are dynamic anyway)."""
     generator = torch.Generator().manual_seed(0)
@@ -365,6 +461,8 @@ def _name_dynamic_axes(model: Any, dynamic_axes: dict[str, dict[int, str]]) -> N
     ONNX IR ``model``; RuntimeError if an axis meant to be dynamic was fixed."""
     import onnx_ir as ir
 
+    if not dynamic_axes:  # a fixed-size graph (SAM 2's encoder): nothing to name
+        return
     inputs = {value.name: value for value in model.graph.inputs}
     renames = {}
     for name, axes in dynamic_axes.items():
@@ -391,23 +489,25 @@ def _name_dynamic_axes(model: Any, dynamic_axes: dict[str, dict[int, str]]) -> N
             )
 
 
-def export_encoder(model: Sam, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Write the image encoder (:class:`SamOnnxEncoder`) to ``path``; h and w are dynamic."""
+def export_encoder(model: SamModel, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Write the image encoder (:func:`onnx_encoder`) to ``path``; for SAM, h and w are
+    dynamic."""
+    encoder = onnx_encoder(model)
     _export_graph(
-        SamOnnxEncoder(model),
-        (sample_encoder_input(model.image_size),),
+        encoder,
+        encoder.sample_inputs(),
         path,
         (ENCODER_INPUT,),
         encoder_outputs(model.mask_decoder.use_high_res_features),
-        {ENCODER_INPUT: {2: "height", 3: "width"}},
+        encoder.dynamic_axes,
         opset,
     )
 
 
 def export_decoder(
-    model: Sam, path: Path, options: DecoderOptions | None = None, opset: int = DEFAULT_OPSET
+    model: SamModel, path: Path, options: DecoderOptions | None = None, opset: int = DEFAULT_OPSET
 ) -> None:
-    """Write :class:`SamOnnxDecoder` to ``path``; the number of points N is dynamic (>= 0)."""
+    """Write :func:`onnx_decoder` to ``path``; the number of points N is dynamic (>= 0)."""
     options = options or DecoderOptions()
     _export_graph(
         onnx_decoder(model, options),
@@ -495,7 +595,7 @@ def max_difference(
 
 
 def _model_info(
-    model: Sam,
+    model: SamModel,
     opset: int,
     quantized: bool,
     options: DecoderOptions,
@@ -503,6 +603,14 @@ def _model_info(
     checkpoint: str | None,
 ) -> ModelInfo:
     grid = model.prompt_encoder.image_embedding_size
+    decoder = model.mask_decoder
+    single_mask_choice = None
+    if getattr(decoder, "dynamic_multimask_via_stability", False):
+        single_mask_choice = (
+            float(decoder.dynamic_multimask_stability_delta),
+            float(decoder.dynamic_multimask_stability_thresh),
+        )
+    family = SAM2 if isinstance(model, Sam2) else SAM
     return ModelInfo(
         img_size=model.image_size,
         embedding_shape=(1, model.prompt_encoder.embed_dim, *grid),
@@ -515,8 +623,12 @@ def _model_info(
         checkpoint=checkpoint,
         image_format=model.image_format,
         mask_threshold=float(model.mask_threshold),
-        high_res_features=model.mask_decoder.use_high_res_features,
+        high_res_features=decoder.use_high_res_features,
+        family=family,
+        dynamic_multimask_stability=single_mask_choice,
         segany_version=__version__,
+        # SAM 2's resize and normalisation are the runtime's (see Sam2OnnxEncoder).
+        **FAMILY_CONVENTIONS[family],
     )
 
 
@@ -534,7 +646,7 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 def export_onnx(
-    model: Sam,
+    model: SamModel,
     output_dir: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
@@ -546,7 +658,8 @@ def export_onnx(
     """Write ``encoder.onnx``, ``decoder.onnx`` and ``model.json`` into ``output_dir``.
 
     Args:
-        model: a CPU model; it is put in eval mode.
+        model: a CPU model, SAM (:class:`~segany.modeling.Sam`) or SAM 2
+            (:class:`~segany.modeling.sam2.Sam2`); it is put in eval mode.
         opset: ONNX opset, at least 18.
         quantize_weights: uint8 dynamic quantisation of both graphs (about 4x smaller;
             masks change slightly).
@@ -575,7 +688,7 @@ def export_onnx(
 
 
 def _write_graphs(
-    model: Sam, work: Path, options: DecoderOptions, opset: int, quantize_weights: bool
+    model: SamModel, work: Path, options: DecoderOptions, opset: int, quantize_weights: bool
 ) -> tuple[list[Path], dict[str, float]]:
     """Export (and quantise) both graphs into ``work``; check each with ONNX Runtime.
 
@@ -584,12 +697,9 @@ def _write_graphs(
     """
     export_encoder(model, work / ENCODER_FILE, opset)
     export_decoder(model, work / DECODER_FILE, options, opset)
+    encoder = onnx_encoder(model)
     checks = {
-        ENCODER_FILE: (
-            SamOnnxEncoder(model),
-            (sample_encoder_input(model.image_size),),
-            (ENCODER_INPUT,),
-        ),
+        ENCODER_FILE: (encoder, encoder.sample_inputs(), (ENCODER_INPUT,)),
         DECODER_FILE: (
             onnx_decoder(model, options),
             sample_decoder_inputs(model),
