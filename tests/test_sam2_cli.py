@@ -130,3 +130,25 @@ def test_sam2_options_are_refused_for_sam(tmp_path, capsys) -> None:
     argv = ["everything", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out"), "--use-m2m"]
     assert main([*argv, "--model", "default"]) == 2
     assert "--use-m2m is not an option of SAM's mask generator" in capsys.readouterr().err
+
+
+def test_engine_auto_in_process(meta_model, tmp_path, monkeypatch) -> None:
+    """The data engine's workers run SAM 2's generator, with SAM 2's options."""
+    from segany import loading
+
+    model = segany_sam2(meta_model)
+    monkeypatch.setattr(loading, "load_model", lambda *args: model)
+    image = photo(200, 300, seed=5)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    options = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+    argv = ["engine", "auto", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out")]
+    assert main([*argv, "--in-process", *flags, "--no-multimask-output", *MODEL]) == 0
+    document = json.loads((tmp_path / "out" / "photo.json").read_text())
+    ours = sorted(a["predicted_iou"] for a in document["annotations"])
+    generator = SAM2AutomaticMaskGenerator(meta_model, multimask_output=False, **options)
+    generator.predictor = meta_predictor(meta_model)
+    with torch.no_grad():
+        expected = sorted(float(r["predicted_iou"]) for r in generator.generate(image))
+    assert len(ours) == len(expected) > 0
+    assert ours == pytest.approx(expected, abs=1e-4)
