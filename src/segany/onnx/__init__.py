@@ -1,11 +1,13 @@
 """ONNX: export a model (``segany export``) and predict with ONNX Runtime alone.
 
 * :mod:`.export` (PyTorch): :func:`~.export.export_onnx` writes an image encoder and the
-  official decoder interface to a folder;
-* :mod:`.format` (no dependencies): the folder's layout, ``model.json`` and the
-  decoder's inputs, shared by both sides;
+  official decoder interface to a folder, for SAM and SAM 2 models (SAM 2's encoder also
+  gives the decoder's high-resolution features);
+* :mod:`.format` (no dependencies): the folder's layout, ``model.json`` (which records the
+  model family and its preprocessing) and the decoder's inputs, shared by both sides;
 * :mod:`.predictor` (NumPy and ONNX Runtime, no PyTorch): :class:`~.predictor.OnnxSamPredictor`,
-  a :class:`segany.SamPredictor` over such a folder.
+  a :class:`segany.SamPredictor` (or, for a SAM 2 folder, a ``Sam2ImagePredictor``) over
+  such a folder.
 
 Names are imported on first use, so that ``segany.onnx.OnnxSamPredictor`` works where
 PyTorch is not installed (``pip install segany[onnx]``).
