@@ -37,7 +37,7 @@ from .modeling import (
     TwoWayTransformer,
 )
 from .modeling.efficient_encoder import LITE0_STAGES
-from .modeling.sam2 import SAM2_CONFIGS, Sam2, Sam2Config
+from .modeling.sam2 import SAM2_CONFIGS, Sam2, Sam2Config, short_name
 
 BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "pretrained"
 
@@ -250,14 +250,9 @@ def build_sam_from_config(config: SamConfig) -> Sam:
     return model.eval()
 
 
-def _short_sam2_name(config_name: str) -> str:
-    """Meta's config name -> segany's: ``sam2.1_hiera_b+`` -> ``sam2.1_b+``."""
-    return config_name.replace("_hiera_", "_")
-
-
 # SAM 2 and 2.1, by segany's short names for Meta's official configs (sam2.1_t, sam2_l, ...).
 SAM2_MODEL_CONFIGS: dict[str, Sam2Config] = {
-    _short_sam2_name(name): config for name, config in SAM2_CONFIGS.items()
+    short_name(name): config for name, config in SAM2_CONFIGS.items()
 }
 # Every registry name, SAM's then SAM 2's (for help texts and error messages).
 MODEL_NAMES: tuple[str, ...] = (*MODEL_CONFIGS, *SAM2_MODEL_CONFIGS)

@@ -22,6 +22,7 @@ from .atomic import atomic_path
 from .errors import SeganyError
 from .hf_sam2_names import convert_hf_sam2_state_dict, detect_sam2_model, is_hf_sam2_state_dict
 from .modeling.sam2 import convert_official_state_dict as convert_official_sam2
+from .modeling.sam2 import short_name
 
 StateDict = dict[str, torch.Tensor]
 
@@ -164,7 +165,7 @@ def detect_model_type(state: Mapping[str, torch.Tensor]) -> str | None:
     """Registry name whose architecture matches ``state`` (None when none does)."""
     sam2_config = detect_sam2_model(state)
     if sam2_config is not None:
-        return sam2_config.replace("_hiera_", "_")  # the registry's short name
+        return short_name(sam2_config)
     if any(k.startswith("image_encoder.layers.") for k in state):
         return "vit_t"
     if any(k.startswith("image_encoder.blocks.") and ".depthwise." in k for k in state):

@@ -187,6 +187,12 @@ _SAM2_1 = {
 }
 _SIZES = {"t": "hiera_tiny", "s": "hiera_small", "b+": "hiera_base_plus", "l": "hiera_large"}
 
+
+def short_name(config_name: str) -> str:
+    """Meta's config name -> segany's registry name: ``sam2.1_hiera_b+`` -> ``sam2.1_b+``."""
+    return config_name.replace("_hiera_", "_")
+
+
 # The official models by the name of their yaml config (``sam2.1_hiera_b+`` etc.).
 SAM2_CONFIGS: dict[str, Sam2Config] = {
     **{
