@@ -4,16 +4,17 @@
 defaults (the official generator's), bounds and help texts; :class:`Sam2AmgOptions` adds
 SAM 2's three (``mask_threshold``, ``use_m2m``, ``multimask_output``) and holds SAM 2's
 defaults, written as changes to SAM's. :data:`AMG_OPTIONS` maps a model family to its
-options. Everything that offers them is made from them:
+options (:data:`FAMILY_NAMES` to its name in messages). Everything that offers them is
+made from them:
 
 * :class:`~segany.automatic_mask_generator.SamAutomaticMaskGenerator` and
   :class:`~segany.sam2_automatic_mask_generator.Sam2AutomaticMaskGenerator` keep the
   official keyword signatures and validate their arguments by building their options;
 * the command line's flags (``--points-per-side``, ...; see
   :func:`segany.commands.common.add_amg_arguments`) are made from :meth:`AmgOptions.specs`;
-* the web app's request body (``EverythingIn`` in :mod:`segany.serve.app`) is a pydantic
-  model made from the same specs, with the server's own limits (:mod:`segany.serve.limits`)
-  added;
+* the web app's request body (``EVERYTHING_IN`` in :mod:`segany.serve.app`) is a pydantic
+  model made from the served model's family's specs, with the server's own limits
+  (:mod:`segany.serve.limits`) added;
 * the data engine's :class:`~segany.engine.annotate.ModelSpec` carries an ``AmgOptions``.
 
 Every problem is a :class:`~segany.errors.SeganyError` naming the first bad option.
@@ -293,3 +294,5 @@ class Sam2AmgOptions(AmgOptions):
 
 # A model family's generator options: "sam" (SAM, MobileSAM, segany's models) or "sam2".
 AMG_OPTIONS: dict[str, type[AmgOptions]] = {"sam": AmgOptions, "sam2": Sam2AmgOptions}
+# How each family's name reads in messages and help texts.
+FAMILY_NAMES: dict[str, str] = {"sam": "SAM", "sam2": "SAM 2"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..amg_options import AMG_OPTIONS, AmgOptions, OptionSpec
+from ..amg_options import AMG_OPTIONS, FAMILY_NAMES, AmgOptions, OptionSpec
 from ..build import MODEL_NAMES
 from ..errors import SeganyError
 from ..inference.precision import PRECISIONS, resolve_precision
@@ -52,10 +52,6 @@ def add_model_arguments(
         )
 
 
-# How the families' names read in help texts.
-_FAMILY_NAMES = {"sam": "SAM", "sam2": "SAM 2"}
-
-
 def _flag_specs() -> dict[str, tuple[OptionSpec, dict[str, Any]]]:
     """Every generator option a command line can give (``point_grids`` and ``output_mode``
     cannot), over all model families: its spec and its default in each family having it."""
@@ -74,7 +70,7 @@ def _defaults_text(defaults: dict[str, Any]) -> str:
     }
     if len(shown) == len(AMG_OPTIONS) and len(set(shown.values())) == 1:
         return f"default: {next(iter(shown.values()))}"
-    return "; ".join(f"{_FAMILY_NAMES[family]}: {value}" for family, value in shown.items())
+    return "; ".join(f"{FAMILY_NAMES[family]}: {value}" for family, value in shown.items())
 
 
 def add_amg_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +86,7 @@ def add_amg_arguments(parser: argparse.ArgumentParser) -> None:
         only = (
             ""
             if len(defaults) == len(AMG_OPTIONS)
-            else f"{_FAMILY_NAMES[next(iter(defaults))]} only; "
+            else f"{FAMILY_NAMES[next(iter(defaults))]} only; "
         )
         group.add_argument(
             "--" + name.replace("_", "-"),
@@ -111,7 +107,7 @@ def amg_options(args: argparse.Namespace, output_mode: str) -> AmgOptions:
     for name in given:
         if name not in known:
             raise SeganyError(
-                f"--{name.replace('_', '-')} is not an option of {_FAMILY_NAMES[family]}'s "
+                f"--{name.replace('_', '-')} is not an option of {FAMILY_NAMES[family]}'s "
                 "mask generator"
             )
     return options(**given, output_mode=output_mode)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from ..atomic import check_writable
 from ..errors import SeganyError
+from ..inference.precision import PRECISIONS, resolve_precision
+from ..loading import resolve_device
 from .common import add_model_arguments, model_from_args
 
 if TYPE_CHECKING:
@@ -26,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser(
         "serve",
-        help="web app to annotate images with clicks, boxes and automatic masks",
+        help="web app to annotate images with clicks, boxes and automatic masks (SAM or SAM 2)",
         description="Serve a web page where you segment the images of IMAGES_DIR (and uploaded "
         "ones) with clicks and boxes, name the objects and export them as COCO JSON or PNG "
         "masks. Everything is saved as you go in the project folder.",
@@ -96,6 +98,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="do not keep embeddings in the project folder (they are recomputed after a restart)",
     )
     add_model_arguments(parser)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the model's number format: fp32 (the official masks), bf16, fp16 (CUDA); auto "
+        "(default) picks bf16 where it is native, else fp16 on CUDA and fp32 on CPU",
+    )
     parser.set_defaults(run=run)
 
 
@@ -137,6 +146,8 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
     ):
         if value < least:
             raise SeganyError(f"{flag} must be at least {least}, got {value}")
+    # A mode the device cannot run fails here, before the model loads.
+    resolve_precision(args.precision, resolve_device(args.device))
     token = args.token or os.environ.get(TOKEN_ENV) or None
     return ServeSettings(
         images_dir=images_dir,
@@ -147,6 +158,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         disk_cache=not args.no_disk_cache,
         max_everything_prompts=budget,
         max_queued_jobs=queue,
+        precision=args.precision,
         # On loopback only local names are valid Host headers: this stops web pages
         # from reaching the server through DNS rebinding.
         allowed_hosts=("127.0.0.1", "localhost", "[::1]") if is_loopback(args.host) else None,

@@ -1,8 +1,8 @@
 """The ``segany serve`` web app: an annotation tool over a folder of images.
 
 :func:`create_app` builds a FastAPI app (OpenAPI schema at ``/openapi.json``, docs at
-``/docs``) from a model and :class:`ServeSettings`. The page at ``/`` is plain
-HTML/CSS/JS from ``static/``. The JSON API under ``/api/`` uses, everywhere:
+``/docs``) from a model, SAM or SAM 2, and :class:`ServeSettings`. The page at ``/`` is
+plain HTML/CSS/JS from ``static/``. The JSON API under ``/api/`` uses, everywhere:
 
 * image and object ids (integers), never paths;
 * coordinates in pixels of the original image (x right, y down), boxes XYXY, point
@@ -20,7 +20,9 @@ runs as a job, one at a time, while clicks go on being answered. ``POST
 status, queue position and progress; ``GET /api/jobs/{id}`` follows it (its proposals
 come with it when done), ``GET /api/jobs`` shows the queue, and ``DELETE /api/jobs/{id}``
 cancels it (a running job stops after its current decoder batch and writes nothing).
-``POST /api/images/{id}/everything`` does the same and waits for the proposals.
+``POST /api/images/{id}/everything`` does the same and waits for the proposals. Their
+options are the served model's family's generator's (SAM's or SAM 2's, with its defaults;
+see ``EVERYTHING_IN``); another family's option is refused (422).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import anyio
 import numpy as np
@@ -46,16 +48,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
 
 from .. import __version__
-from ..amg_options import AmgOptions
+from ..amg_options import AMG_OPTIONS, FAMILY_NAMES
 from ..errors import SeganyError
 from ..inputs import check_boxes, check_points
 from ..masks import check_rle, coco_bbox, coco_to_rle, masks_to_rle, rle_area, rle_to_coco
 from ..masks.formats import write_json
-from ..modeling import Sam
+from ..modeling import Sam, Sam2
 from .export import coco_export, png_zip, write_png_folder
 from .jobs import Job, JobCancelled, JobQueue, JobStatus, QueueFull
 from .library import ImageLibrary, NotAnImage
@@ -106,6 +109,8 @@ class ServeSettings:
         max_everything_prompts: decoder prompts one "segment everything" may ask for
             (points_per_side² per crop); more get 400. See :mod:`.limits`.
         max_queued_jobs: jobs that may wait behind the running one; more get 429.
+        precision: the model's number format, ``auto``, ``fp32``, ``bf16`` or ``fp16``
+            (see :mod:`segany.inference.precision`); ``fp32`` gives the official masks.
     """
 
     images_dir: Path | None
@@ -118,17 +123,18 @@ class ServeSettings:
     model_name: str = "custom"
     max_everything_prompts: int = MAX_EVERYTHING_PROMPTS
     max_queued_jobs: int = MAX_QUEUED_JOBS
+    precision: str = "auto"
 
 
 class Project:
     """What one server works on: the store, the images and the model."""
 
-    def __init__(self, model: Sam, settings: ServeSettings) -> None:
+    def __init__(self, model: Sam | Sam2, settings: ServeSettings) -> None:
         self.settings = settings
         self.store = ProjectStore(settings.project_dir / PROJECT_FILE)
         self.library = ImageLibrary(self.store, settings.images_dir, settings.project_dir)
         cache = settings.project_dir / "embeddings" if settings.disk_cache else None
-        self.segmenter = Segmenter(model, cache, settings.cache_size)
+        self.segmenter = Segmenter(model, cache, settings.cache_size, settings.precision)
         self.jobs = JobQueue(settings.max_queued_jobs, FINISHED_JOBS_KEPT)
         self.library.scan()
 
@@ -191,12 +197,44 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def _everything_in() -> type[Body]:
-    """The body of a "segment everything" request, made from the generator's options
-    (:class:`~segany.amg_options.AmgOptions`: types, defaults, bounds, descriptions): those
-    in :data:`~.limits.EVERYTHING_OPTIONS`, within :data:`~.limits.EVERYTHING_LIMITS`."""
+class EverythingBody(Body):
+    """The base of the "segment everything" bodies: a key that is not one of the served
+    model's family's options is refused (422), not ignored; another family's option is
+    named as such."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+    family: ClassVar[str] = "sam"  # the served model's, as AMG_OPTIONS names it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_other_familys_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # pydantic refuses it
+        for name in data:
+            # Every name of EVERYTHING_OPTIONS is some family's option.
+            if name in EVERYTHING_OPTIONS and name not in cls.model_fields:
+                owners = " and ".join(
+                    FAMILY_NAMES[family]
+                    for family, options in AMG_OPTIONS.items()
+                    if name in {spec.name for spec in options.specs()}
+                )
+                served = FAMILY_NAMES[cls.family]
+                raise PydanticCustomError(
+                    "other_family",
+                    "{name} is an option of {owners}'s mask generator, not of {served}'s "
+                    "(this server's model)",
+                    {"name": name, "owners": owners, "served": served},
+                )
+        return data
+
+
+def _everything_in(family: str) -> type[EverythingBody]:
+    """The body of a "segment everything" request to a server of model ``family``, made
+    from its generator's options (:data:`~segany.amg_options.AMG_OPTIONS`: types,
+    defaults, bounds, descriptions): those in :data:`~.limits.EVERYTHING_OPTIONS`, within
+    :data:`~.limits.EVERYTHING_LIMITS`."""
     fields: dict[str, Any] = {}
-    for spec in AmgOptions.specs():
+    for spec in AMG_OPTIONS[family].specs():
         if spec.name not in EVERYTHING_OPTIONS:
             continue
         bounds: dict[str, float | int] = {}
@@ -206,17 +244,24 @@ def _everything_in() -> type[Body]:
             bounds["lt" if spec.below else "le"] = _number(spec.maximum)
         bounds.update(EVERYTHING_LIMITS.get(spec.name, {}))
         fields[spec.name] = (spec.kind, Field(spec.default, description=spec.help, **bounds))
-    return create_model(
+    name = FAMILY_NAMES[family]
+    body = create_model(
         "EverythingIn",
-        __base__=Body,
-        __doc__="Options of the automatic mask generator (SAM's defaults), within the "
-        "server's limits (see :mod:`segany.serve.limits`).",
+        __base__=EverythingBody,
+        __doc__=f"Options of {name}'s automatic mask generator ({name}'s defaults), within "
+        "the server's limits (see :mod:`segany.serve.limits`).",
         __module__=__name__,
         **fields,
     )
+    body.family = family
+    return body
 
 
-EverythingIn = _everything_in()
+# The "segment everything" body of each model family; a server offers its model's.
+EVERYTHING_IN: dict[str, type[EverythingBody]] = {
+    family: _everything_in(family) for family in AMG_OPTIONS
+}
+EverythingIn = EVERYTHING_IN["sam"]  # the name it had when the server ran SAM only
 
 
 class ImageOut(BaseModel):
@@ -414,6 +459,7 @@ def info(project: ProjectDep) -> dict[str, Any]:
     return {
         "version": __version__,
         "model": settings.model_name,
+        "model_family": project.segmenter.family,  # "sam" or "sam2": whose options apply
         "images_dir": None if settings.images_dir is None else str(settings.images_dir),
         "project_dir": str(settings.project_dir),
         # The limits on one request (see segany.serve.limits).
@@ -513,14 +559,11 @@ def predict(project: ProjectDep, image_id: ImageId, body: PredictIn) -> PredictO
     )
 
 
-def _submit_everything(project: Project, image_id: int, body: EverythingIn | None) -> Job:
+def _submit_everything(project: Project, image_id: int, body: EverythingBody | None) -> Job:
     """Queue "segment everything" on an image after checking the request's work against
     the server's budget (400) and the image's id (404)."""
-    options = (body or EverythingIn()).model_dump()
-    settings = project.settings
-    check_everything_work(
-        options["points_per_side"], options["crop_n_layers"], settings.max_everything_prompts
-    )
+    options = (body or EVERYTHING_IN[project.segmenter.family]()).model_dump()
+    check_everything_work(options, project.settings.max_everything_prompts)
     image = project.store.image(image_id)
 
     def work(job: Job) -> list[StoredObject]:
@@ -556,35 +599,62 @@ def _job_out(project: Project, job: Job) -> JobOut:
     )
 
 
-@api.post("/images/{image_id}/everything", tags=["segmentation"])
-async def segment_everything(
-    project: ProjectDep, image_id: ImageId, request: Request, body: EverythingIn | None = None
-) -> list[ObjectOut]:
-    """Run the automatic mask generator; its masks replace the image's earlier
-    proposals (source ``proposal``) and are returned. Keep or delete them afterwards.
+def _everything_routes(body_type: type[EverythingBody]) -> APIRouter:
+    """The two routes that start "segment everything", with the served model's family's
+    options (``body_type``, from :data:`EVERYTHING_IN`) as their body."""
 
-    Runs as a job (see POST /api/images/{id}/everything/jobs) and waits for it: 409 if
-    it is cancelled, and closing the connection cancels it."""
-    job = _submit_everything(project, image_id, body)
-    # Wait on the event loop, not in a worker thread, so a dropped client is noticed.
-    while not job.finished:
-        if await request.is_disconnected():
-            project.jobs.cancel(job.id)
-        await asyncio.sleep(JOB_POLL_SECONDS)
-    if job.error is not None:
-        raise job.error
-    return [_object_out(obj) for obj in job.result]
+    async def segment_everything(
+        project: ProjectDep,
+        image_id: ImageId,
+        request: Request,
+        body: EverythingBody | None = None,
+    ) -> list[ObjectOut]:
+        """Run the automatic mask generator; its masks replace the image's earlier
+        proposals (source ``proposal``) and are returned. Keep or delete them afterwards.
 
+        Runs as a job (see POST /api/images/{id}/everything/jobs) and waits for it: 409 if
+        it is cancelled, and closing the connection cancels it."""
+        job = _submit_everything(project, image_id, body)
+        # Wait on the event loop, not in a worker thread, so a dropped client is noticed.
+        while not job.finished:
+            if await request.is_disconnected():
+                project.jobs.cancel(job.id)
+            await asyncio.sleep(JOB_POLL_SECONDS)
+        if job.error is not None:
+            raise job.error
+        return [_object_out(obj) for obj in job.result]
 
-@api.post("/images/{image_id}/everything/jobs", status_code=202, tags=["jobs"])
-def start_everything(
-    project: ProjectDep, image_id: ImageId, response: Response, body: EverythingIn | None = None
-) -> JobOut:
-    """Queue "segment everything" and answer at once with the job (status, position in
-    the queue, progress). Follow it with GET /api/jobs/{id}; 429 if the queue is full."""
-    job = _submit_everything(project, image_id, body)
-    response.headers["Location"] = f"/api/jobs/{job.id}"
-    return _job_out(project, job)
+    def start_everything(
+        project: ProjectDep,
+        image_id: ImageId,
+        response: Response,
+        body: EverythingBody | None = None,
+    ) -> JobOut:
+        """Queue "segment everything" and answer at once with the job (status, position in
+        the queue, progress). Follow it with GET /api/jobs/{id}; 429 if the queue is full."""
+        job = _submit_everything(project, image_id, body)
+        response.headers["Location"] = f"/api/jobs/{job.id}"
+        return _job_out(project, job)
+
+    router = APIRouter(prefix="/api")
+    for endpoint in (segment_everything, start_everything):
+        # FastAPI reads the body's type from the annotation, which names the base class
+        # (annotations are strings resolved in this module): the family's comes in here.
+        endpoint.__annotations__["body"] = body_type | None
+    router.add_api_route(
+        "/images/{image_id}/everything",
+        segment_everything,
+        methods=["POST"],
+        tags=["segmentation"],
+    )
+    router.add_api_route(
+        "/images/{image_id}/everything/jobs",
+        start_everything,
+        methods=["POST"],
+        status_code=202,
+        tags=["jobs"],
+    )
+    return router
 
 
 @api.get("/jobs", tags=["jobs"])
@@ -761,16 +831,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await anyio.to_thread.run_sync(jobs.shutdown, SHUTDOWN_WAIT_SECONDS)
 
 
-def create_app(model: Sam, settings: ServeSettings) -> FastAPI:
-    """The web app for ``model`` and ``settings`` (opens or creates the project)."""
+def create_app(model: Sam | Sam2, settings: ServeSettings) -> FastAPI:
+    """The web app for ``model`` (SAM or SAM 2) and ``settings`` (opens or creates the
+    project)."""
     app = FastAPI(
         title="segany serve",
         version=__version__,
         description=__doc__,
         lifespan=_lifespan,
     )
-    app.state.project = Project(model, settings)
+    app.state.project = project = Project(model, settings)
     app.include_router(api)
+    app.include_router(_everything_routes(EVERYTHING_IN[project.segmenter.family]))
     app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for error_type, status in (

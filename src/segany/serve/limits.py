@@ -5,12 +5,14 @@ must be refused before it reaches the database (where Python's ``sqlite3`` would
 OverflowError instead of finding no row).
 
 Segment everything: its cost is one mask-decoder pass per prompt point and one
-image-encoder pass per crop (the full image's is usually cached). With SAM's default 32
-points per side that is 1,024 prompts; every crop layer multiplies the crops by 4 and
-each crop has its own points_per_side² grid. The caps below keep one request to minutes
-of CPU at the very worst:
+image-encoder pass per crop (the full image's is usually cached). With the default 32
+points per side (SAM's and SAM 2's) that is 1,024 prompts; every crop layer multiplies the
+crops by 4 and each crop has its own points_per_side² grid; SAM 2's ``use_m2m`` decodes
+each of a point's masks (3, or 1 without ``multimask_output``) once more, with the mask as
+a prompt. The caps below keep one request to minutes of CPU at the very worst, for either
+family:
 
-* ``points_per_side <= 64`` (4,096 prompts without crops): 4x SAM's default, which is
+* ``points_per_side <= 64`` (4,096 prompts without crops): 4x the default, which is
   already dense enough for the small objects of a 1,024-pixel input.
 * ``crop_n_layers <= 1`` (the image plus 4 crops, so at most 4 encoder passes): a second
   layer adds 16 more encoder passes, each seconds to tens of seconds of CPU with ViT-H.
@@ -19,10 +21,11 @@ of CPU at the very worst:
   32 points per side (5,120) is allowed. The budget is a :class:`~.app.ServeSettings`
   field, so a server on a GPU may raise it.
 
-A request sets only the generator's options in :data:`EVERYTHING_OPTIONS` (the server
-chooses the decoder batch and the output mode, and keeps the crop layers' downscale
-factor at 1, which :func:`everything_prompts` counts on), within their own bounds (see
-:class:`segany.amg_options.AmgOptions`) and :data:`EVERYTHING_LIMITS`.
+A request sets only the generator's options in :data:`EVERYTHING_OPTIONS` that the served
+model's family has (the server chooses the decoder batch and the output mode, and keeps the
+crop layers' downscale factor at 1, which :func:`everything_prompts` counts on), within
+their own bounds (see :class:`segany.amg_options.AmgOptions` and its SAM 2 subclass) and
+:data:`EVERYTHING_LIMITS`.
 
 Jobs: "segment everything" runs as a job, one at a time; at most
 :data:`MAX_QUEUED_JOBS` wait behind the running one (more get 429), so a client cannot
@@ -30,6 +33,9 @@ queue unbounded work either.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import SeganyError
 
@@ -40,8 +46,9 @@ MAX_EVERYTHING_PROMPTS = 32 * 32 * 5
 MAX_QUEUED_JOBS = 8
 FINISHED_JOBS_KEPT = 32  # finished jobs still answered by GET /api/jobs/{id}
 
-# The generator's options a "segment everything" request may set, and the server's bounds
-# on them beyond the generator's own (pydantic Field constraints).
+# The generators' options a "segment everything" request may set (those of the served
+# model's family: the last three are SAM 2's), and the server's bounds on them beyond the
+# generator's own (pydantic Field constraints).
 EVERYTHING_OPTIONS = (
     "points_per_side",
     "pred_iou_thresh",
@@ -49,6 +56,9 @@ EVERYTHING_OPTIONS = (
     "box_nms_thresh",
     "crop_n_layers",
     "min_mask_region_area",
+    "mask_threshold",
+    "use_m2m",
+    "multimask_output",
 )
 EVERYTHING_LIMITS: dict[str, dict[str, int]] = {
     "points_per_side": {"le": MAX_POINTS_PER_SIDE},
@@ -56,19 +66,26 @@ EVERYTHING_LIMITS: dict[str, dict[str, int]] = {
 }
 
 
-def everything_prompts(points_per_side: int, crop_n_layers: int) -> int:
+def everything_prompts(points_per_side: int, crop_n_layers: int, refined: int = 0) -> int:
     """Decoder prompts of one "segment everything": points_per_side² in each crop, and
-    crop layer i has (2**i)² crops (the server keeps the generator's downscale factor 1)."""
+    crop layer i has (2**i)² crops (the server keeps the generator's downscale factor 1);
+    each point's ``refined`` masks are decoded once more (SAM 2's ``use_m2m``)."""
     crops = sum(4**layer for layer in range(crop_n_layers + 1))
-    return points_per_side**2 * crops
+    return points_per_side**2 * crops * (1 + refined)
 
 
-def check_everything_work(points_per_side: int, crop_n_layers: int, budget: int) -> None:
-    """SeganyError (one line) when the options ask for more prompts than ``budget``."""
-    prompts = everything_prompts(points_per_side, crop_n_layers)
+def check_everything_work(options: Mapping[str, Any], budget: int) -> None:
+    """SeganyError (one line) when a request's generator ``options`` ask for more
+    prompts than ``budget``."""
+    points, layers = options["points_per_side"], options["crop_n_layers"]
+    refined = 0
+    if options.get("use_m2m", False):  # SAM 2's: its decoder gives 3 masks, or 1
+        refined = 3 if options.get("multimask_output", True) else 1
+    prompts = everything_prompts(points, layers, refined)
     if prompts > budget:
+        m2m = f" and use_m2m ({refined} refined masks per point)" if refined else ""
         raise SeganyError(
-            f"points_per_side={points_per_side} with crop_n_layers={crop_n_layers} asks for "
+            f"points_per_side={points} with crop_n_layers={layers}{m2m} asks for "
             f"{prompts} prompts; this server allows {budget} per request: use fewer points "
-            "per side or fewer crop layers"
+            "per side or fewer crop layers" + (", or no use_m2m" if refined else "")
         )

@@ -1,9 +1,15 @@
 """The model side of the server: embeddings computed once per image, prompts decoded fast.
 
+It serves either family of models, SAM (:class:`~segany.modeling.Sam`) or SAM 2
+(:class:`~segany.modeling.Sam2`): :data:`FAMILIES` says which predictor and which
+automatic mask generator each one runs; everything else is shared.
+
 An image's embedding is keyed by the SHA-256 of its file and kept in an in-memory LRU; with
-a cache folder it is also saved as ``<folder>/<model fingerprint>/<sha256>.pt``, so a
-restarted server does not compute it again. A click then runs only the prompt encoder and
-mask decoder.
+a cache folder it is also saved as ``<folder>/<model fingerprint>-<precision>/<sha256>.pt``,
+so a restarted server does not compute it again (the fingerprint names the family, input
+size and weights, so no other model's embeddings are ever read). SAM 2's embedding includes
+the two high-resolution feature maps its decoder takes. A click then runs only the prompt
+encoder and mask decoder.
 
 One lock serialises the model (the predictor holds one image at a time, and the mask
 decoder keeps the last image's prepared side). It is fair to clicks: "segment everything"
@@ -25,16 +31,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
+from ..amg_options import AMG_OPTIONS, AmgOptions
 from ..atomic import atomic_path
 from ..automatic_mask_generator import MaskCandidates, SamAutomaticMaskGenerator
 from ..masks import generate_crop_boxes
-from ..modeling import Sam
+from ..modeling import Sam, Sam2
 from ..predictor import SamPredictor
+from ..sam2_automatic_mask_generator import Sam2AutomaticMaskGenerator
+from ..sam2_predictor import Sam2ImagePredictor
 
 ImageLoader = Callable[[], np.ndarray]
 EmbeddingSource = Literal["memory", "disk", "computed"]
@@ -47,11 +56,20 @@ Progress = Callable[[int, int], None]
 JOB_POINTS_PER_BATCH = 16
 
 
-def model_fingerprint(model: Sam) -> str:
-    """A short hash naming a model's weights, so cached embeddings of other weights are
-    never used. Hashes the shapes of every tensor and the values of the image encoder's
-    first and last ones: cheap even for ViT-H, and different for any two trained models."""
+def model_family_of(model: Sam | Sam2) -> str:
+    """``"sam2"`` or ``"sam"``: the model's family, as :data:`~segany.amg_options.AMG_OPTIONS`
+    and :data:`FAMILIES` name it."""
+    return "sam2" if isinstance(model, Sam2) else "sam"
+
+
+def model_fingerprint(model: Sam | Sam2) -> str:
+    """A short hash naming a model, so cached embeddings of another model are never used.
+    Hashes the family and input size, the names and shapes of every tensor and the values
+    of the image encoder's first and last ones: cheap even for ViT-H, and different for any
+    two trained models (and for the same weights at another input size, whose embeddings
+    have other shapes)."""
     digest = hashlib.sha256()
+    digest.update(f"{model_family_of(model)}@{model.image_size};".encode())
     state = model.state_dict()
     for name, tensor in state.items():
         digest.update(f"{name}{tuple(tensor.shape)};".encode())
@@ -64,15 +82,21 @@ def model_fingerprint(model: Sam) -> str:
 @dataclass(frozen=True)
 class Embedding:
     """An image embedding (1, C, h, w), the (H, W) of the image it was computed from, and
-    for a decoder that takes them the image's high-resolution features (else None)."""
+    for a decoder that takes them (SAM 2's, SAM's high-resolution one) the image's
+    high-resolution features (else None)."""
 
     features: torch.Tensor
     original_size: tuple[int, int]
     high_res_features: list[torch.Tensor] | None = None
 
-    def set_into(self, predictor: SamPredictor) -> None:
-        """Give ``predictor`` this embedding instead of encoding the image again."""
-        predictor.set_image_embedding(self.features, self.original_size, self.high_res_features)
+    def detached(self) -> Embedding:
+        """This embedding on the CPU, cut from autograd: what the caches keep."""
+        high_res = self.high_res_features
+        return Embedding(
+            self.features.detach().cpu(),
+            self.original_size,
+            None if high_res is None else [f.detach().cpu() for f in high_res],
+        )
 
 
 class ModelLock:
@@ -118,44 +142,106 @@ class ModelLock:
             self._state.notify_all()
 
 
-class _ReusingPredictor(SamPredictor):
-    """A predictor that takes a known embedding instead of encoding the same image again
-    (the automatic mask generator's full-image crop is the whole image), and holds the
-    model lock for each crop's encoder pass."""
-
-    def __init__(self, model: Sam, image: np.ndarray, embedding: Embedding, lock: ModelLock):
-        super().__init__(model)
-        self._image, self._embedding, self._lock = image, embedding, lock
-
-    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        with self._lock.step():
-            if image_format == "RGB" and image.shape == self._image.shape:
-                self._embedding.set_into(self)
-            else:
-                super().set_image(image, image_format)
+# -- each family's predictor and generator, as the server runs them ---------------------
 
 
-class _SteppedGenerator(SamAutomaticMaskGenerator):
-    """The automatic mask generator run as a background job: it reports progress before
-    each decoder batch (where the job may be cancelled), and holds the model lock only
-    while the model decodes a batch, so clicks are served between batches and while the
-    batch's masks are upscaled and encoded.
+class _ServedSam(SamPredictor):
+    """SAM's predictor, its embedding taken and given as an :class:`Embedding`."""
 
-    The generator has no progress hook, so two of its steps are wrapped here rather than
-    changing it. Its masks are the plain generator's: the smaller batches only split the
-    same work differently.
-    """
+    def embedding(self) -> Embedding:
+        """The embedding of the image set."""
+        assert self.original_size is not None
+        return Embedding(self.get_image_embedding(), self.original_size, self.high_res_features)
+
+    def use(self, embedding: Embedding) -> None:
+        """Take ``embedding`` as the image set, instead of encoding the image again."""
+        self.set_image_embedding(
+            embedding.features, embedding.original_size, embedding.high_res_features
+        )
+
+
+class _ServedSam2(Sam2ImagePredictor):
+    """SAM 2's predictor, its embedding taken and given as an :class:`Embedding`."""
+
+    def embedding(self) -> Embedding:
+        """The embedding of the image set, with its high-resolution features."""
+        image_embed = self.get_image_embedding()
+        assert self._features is not None and self._orig_hw is not None
+        return Embedding(image_embed, self._orig_hw[0], list(self._features["high_res_feats"]))
+
+    def use(self, embedding: Embedding) -> None:
+        """Take ``embedding`` as the image set, instead of encoding the image again."""
+        assert embedding.high_res_features is not None  # SAM 2's decoder always takes them
+        self.reset_predictor()
+        # Meta's predictor has no setter for cached features: its users assign these three
+        # attributes together, and Sam2ImagePredictor follows them.
+        self._features = {
+            "image_embed": embedding.features.to(self.device),
+            "high_res_feats": [f.to(self.device) for f in embedding.high_res_features],
+        }
+        self._orig_hw = [embedding.original_size]
+        self._is_image_set = True
+
+
+class _Reusing:
+    """A "segment everything" job's predictor (mixed into a family's served predictor):
+    it takes the image's known embedding instead of encoding it again (the generator's
+    full-image crop is the whole image), and holds the model lock for each crop's encoder
+    pass."""
 
     def __init__(
-        self, predictor: _ReusingPredictor, lock: ModelLock, progress: Progress, **options: Any
+        self,
+        model: Sam | Sam2,
+        image: np.ndarray,
+        embedding: Embedding,
+        lock: ModelLock,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            predictor.model,
-            output_mode="uncompressed_rle",
-            points_per_batch=JOB_POINTS_PER_BATCH,
-            **options,
+        super().__init__(model, **options)
+        # Names of their own: the predictors' attributes must not be shadowed.
+        self._job_image, self._job_embedding, self._job_lock = image, embedding, lock
+
+    def set_image(self, image: np.ndarray, *args: Any, **kwargs: Any) -> None:
+        with self._job_lock.step():
+            # Crops are smaller than the image, so its shape tells the full-image crop; any
+            # other call (an image format given, say) encodes as usual.
+            if not args and not kwargs and image.shape == self._job_image.shape:
+                self.use(self._job_embedding)
+            else:
+                super().set_image(image, *args, **kwargs)
+
+
+class _ReusingSam(_Reusing, _ServedSam):
+    """SAM's predictor for a job (see :class:`_Reusing`)."""
+
+
+class _ReusingSam2(_Reusing, _ServedSam2):
+    """SAM 2's predictor for a job (see :class:`_Reusing`)."""
+
+
+class _Stepped:
+    """A family's automatic mask generator run as a background job (mixed into it): it
+    reports progress before each decoder batch (where the job may be cancelled), and holds
+    the model lock only while the model decodes a batch, so clicks are served between
+    batches and while the batch's masks are upscaled and encoded.
+
+    The generators have no progress hook, so two of their steps are wrapped here rather
+    than changing them. Its masks are the plain generator's: the smaller batches only split
+    the same work differently.
+    """
+
+    # The family's options (see segany.amg_options), set by each generator below.
+    option_class: ClassVar[type[AmgOptions]]
+
+    def __init__(
+        self, predictor: _Reusing, lock: ModelLock, progress: Progress, **options: Any
+    ) -> None:
+        # Set up as the generators' own constructors do, on the job's predictor (theirs
+        # would make another predictor, to be thrown away).
+        checked = self.option_class(
+            output_mode="uncompressed_rle", points_per_batch=JOB_POINTS_PER_BATCH, **options
         )
-        self.predictor = predictor
+        self._setup(predictor, checked)
         self._lock, self._progress = lock, progress
         self._done, self._total = 0, 0
 
@@ -172,7 +258,7 @@ class _SteppedGenerator(SamAutomaticMaskGenerator):
         return records
 
     def _process_batch(
-        self, points: np.ndarray, crop_box: list[int], image: np.ndarray
+        self, points: torch.Tensor, crop_box: list[int], image: np.ndarray
     ) -> MaskCandidates:
         self._progress(self._done, self._total)
         result = super()._process_batch(points, crop_box, image)
@@ -180,27 +266,76 @@ class _SteppedGenerator(SamAutomaticMaskGenerator):
         return result
 
     def _decode(
-        self, points: np.ndarray, crop_size: tuple[int, int]
+        self, points: torch.Tensor, crop_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The predictor keeps state (the image side it prepared): one user at a time.
+        # The predictor keeps state (the image side it prepared): one user at a time. With
+        # SAM 2's use_m2m this step includes the batch's refinement.
         with self._lock.step():
             return super()._decode(points, crop_size)
+
+
+class _SteppedSam(_Stepped, SamAutomaticMaskGenerator):
+    """SAM's generator as a job (see :class:`_Stepped`)."""
+
+    option_class = AMG_OPTIONS["sam"]
+
+
+class _SteppedSam2(_Stepped, Sam2AutomaticMaskGenerator):
+    """SAM 2's generator as a job (see :class:`_Stepped`)."""
+
+    option_class = AMG_OPTIONS["sam2"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the server runs for one family of models.
+
+    Attributes:
+        predictor: the image predictor that answers clicks.
+        job_predictor: the predictor of a "segment everything" job.
+        generator: the automatic mask generator of a job.
+    """
+
+    predictor: type[_ServedSam] | type[_ServedSam2]
+    job_predictor: type[_ReusingSam] | type[_ReusingSam2]
+    generator: type[_SteppedSam] | type[_SteppedSam2]
+
+
+# By model family, as AMG_OPTIONS names them (see model_family_of).
+FAMILIES: dict[str, Family] = {
+    "sam": Family(_ServedSam, _ReusingSam, _SteppedSam),
+    "sam2": Family(_ServedSam2, _ReusingSam2, _SteppedSam2),
+}
 
 
 class Segmenter:
     """Embeds images (cached) and answers prompts with one model.
 
     Args:
-        model: the SAM model.
+        model: the SAM or SAM 2 model.
         cache_dir: folder for embeddings on disk, or None for memory only.
-        capacity: embeddings kept in memory (4 MB each at SAM's 64 x 64 x 256).
+        capacity: embeddings kept in memory (4 MB each at SAM's 64 x 64 x 256, 16 MB with
+            SAM 2's high-resolution features).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see
+            :mod:`segany.inference.precision`); ``fp32`` gives the official numbers.
     """
 
-    def __init__(self, model: Sam, cache_dir: Path | None = None, capacity: int = 16) -> None:
+    def __init__(
+        self,
+        model: Sam | Sam2,
+        cache_dir: Path | None = None,
+        capacity: int = 16,
+        precision: str = "auto",
+    ) -> None:
         self.model = model
-        self.predictor = SamPredictor(model)
+        self.family = model_family_of(model)
+        self._runs = FAMILIES[self.family]
+        self.predictor = self._runs.predictor(model, precision=precision)
+        self.precision = precision
         self.capacity = max(1, capacity)
-        self.cache_dir = None if cache_dir is None else cache_dir / model_fingerprint(model)
+        # Another precision computes (slightly) other embeddings: a cache of its own.
+        folder = f"{model_fingerprint(model)}-{self.predictor.precision.name}"
+        self.cache_dir = None if cache_dir is None else cache_dir / folder
         self._memory: OrderedDict[str, Embedding] = OrderedDict()
         self._current: str | None = None  # the key whose embedding the predictor holds
         self._lock = ModelLock()
@@ -229,11 +364,7 @@ class Segmenter:
     def _compute(self, image: np.ndarray) -> Embedding:
         self.predictor.set_image(image)
         self._current = None  # set below by whoever uses it under its key
-        features = self.predictor.get_image_embedding().detach().cpu()
-        high_res = self.predictor.high_res_features
-        if high_res is not None:
-            high_res = [f.detach().cpu() for f in high_res]
-        return Embedding(features, (int(image.shape[0]), int(image.shape[1])), high_res)
+        return self.predictor.embedding().detached()
 
     def _file(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{key}.pt"
@@ -268,7 +399,7 @@ class Segmenter:
         """Put image ``key``'s embedding into the predictor (call with the lock held)."""
         embedding, source = self._embedding(key, load_image)
         if self._current != key:
-            embedding.set_into(self.predictor)
+            self.predictor.use(embedding)
             self._current = key
         return source
 
@@ -283,7 +414,8 @@ class Segmenter:
         box: np.ndarray | None,
         multimask: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, EmbeddingSource, float]:
-        """Masks for one prompt set: :meth:`SamPredictor.predict` on the cached embedding.
+        """Masks for one prompt set: the family's predictor's ``predict`` on the cached
+        embedding.
 
         Args:
             points: (N, 2) pixel (x, y) of the original image, or None.
@@ -300,7 +432,8 @@ class Segmenter:
             masks, scores, _ = self.predictor.predict(
                 point_coords=points, point_labels=labels, box=box, multimask_output=multimask
             )
-            return masks, scores, source, time.perf_counter() - start
+            # SAM 2's predictor gives float 0/1 masks, as Meta's does; SAM's are bool.
+            return masks.astype(bool, copy=False), scores, source, time.perf_counter() - start
 
     def everything(
         self,
@@ -309,8 +442,9 @@ class Segmenter:
         options: dict[str, Any],
         progress: Progress | None = None,
     ) -> list[dict[str, Any]]:
-        """:meth:`SamAutomaticMaskGenerator.generate` records (uncompressed RLE masks)
-        for image ``key``, reusing its cached embedding for the full-image pass.
+        """The family's automatic mask generator's records (uncompressed RLE masks) for
+        image ``key`` with ``options`` (that family's), reusing its cached embedding for
+        the full-image pass.
 
         Meant for a worker thread: the model is taken one step at a time (see
         :class:`ModelLock`), and ``progress(done, total)`` is called before each decoder
@@ -319,8 +453,14 @@ class Segmenter:
         image = load_image()
         with self._lock.step():
             embedding, _ = self._embedding(key, lambda: image)
-        predictor = _ReusingPredictor(self.model, image, embedding, self._lock)
-        generator = _SteppedGenerator(
+        predictor = self._runs.job_predictor(
+            self.model,
+            image,
+            embedding,
+            self._lock,
+            precision=self.precision,
+        )
+        generator = self._runs.generator(
             predictor, self._lock, progress or (lambda done, total: None), **options
         )
         return generator.generate(image)
