@@ -4,8 +4,10 @@
 ``sam2.sam2_video_predictor.SAM2VideoPredictor`` (``sam2`` 1.1.0): the same methods,
 arguments, return values and inference state (a plain dict with Meta's keys, so code that
 reads it keeps working), plus segany's ``precision=`` and ``compile=``. The tracking
-computation is :mod:`segany.modeling.sam2_tracking`; the image encoder runs on the
-inference layer (:class:`~segany.inference.model.InferenceModel`); frames are read by
+computation is :mod:`segany.modeling.sam2_tracking`; the image encoder and the memory
+attention (the costliest part of a tracked frame,
+:class:`~segany.inference.memory_attention.FastMemoryAttention`) run on the inference
+layer (:class:`~segany.inference.model.InferenceModel`); frames are read by
 :mod:`segany.video_frames` (JPEG folders as Meta reads them, and any video file OpenCV
 decodes).
 
@@ -86,7 +88,8 @@ class Sam2VideoPredictor:
             prompted (conditioning) frame, as a first prompt is.
         precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16``; see
             :mod:`segany.inference.precision`. ``fp32`` gives Meta's numbers. Other
-            modes run the encoder as there and the tracking under autocast.
+            modes run the encoder as there and the tracking under autocast (on a CPU
+            in ``bf16``, the memory attention as a bfloat16 copy).
         compile: run the image encoder through ``torch.compile``.
     """
 
@@ -483,11 +486,7 @@ class Sam2VideoPredictor:
         if cached is not None:
             return cached[1]
         image = state["images"][frame_idx].to(self.device).float().unsqueeze(0)
-        embedding, high_res = self.inference.encode(image)
-        # The inference layer gives the image path's embedding, the coarsest level plus
-        # no_mem_embed; the tracker reads the level itself (a float rounding apart).
-        coarse = embedding - self.model.no_mem_embed.view(1, -1, 1, 1)
-        features = tracking.frame_features(coarse, high_res)
+        features = tracking.frame_features(*self.inference.encode_frame(image))
         state["cached_features"] = {frame_idx: (image, features)}
         return features
 
@@ -535,6 +534,7 @@ class Sam2VideoPredictor:
                 prompt,
                 mask,
                 prev_mask_logits,
+                attention=self.inference.memory_attention,
             )
             memory = None
             if run_mem_encoder:

@@ -30,6 +30,7 @@ from ..modeling.sam2 import Sam2
 from .compilation import compiled
 from .folding import fold_batchnorm
 from .mask_decoder import FastMaskDecoder, ImageSide
+from .memory_attention import FastMemoryAttention
 from .precision import Precision, cast_keeping_broadcast
 
 
@@ -66,6 +67,13 @@ class InferenceModel:
         encoder = _ImageFeatures(model) if uses_high_res(model) else model.image_encoder
         encoder = fold_batchnorm(encoder)
         self.encoder = compiled(encoder) if self.compile else encoder
+        # SAM 2's video memory attention (the tracker's costliest part), prepared likewise.
+        self.memory_attention: FastMemoryAttention | None = None
+        if isinstance(model, Sam2):
+            # On a CPU in bfloat16, a copy in it (as the decoder's; see FastMemoryAttention).
+            precision = self.precision
+            dtype = precision.decoder_dtype if precision.casts_decoder else None
+            self.memory_attention = FastMemoryAttention(model.memory_attention, dtype)
         self._decoder_tensors = _tensors(model.prompt_encoder, model.mask_decoder)
         self._decoder_state = _fingerprint(self._decoder_tensors)
         with torch.no_grad():
@@ -107,7 +115,19 @@ class InferenceModel:
         features = self.precision.encode(self.encoder, images)
         if isinstance(features, torch.Tensor):
             return features, None
-        return features
+        embedding, high_res = features
+        if isinstance(self.model, Sam2):  # the image path's embedding (Sam2.encode_image)
+            embedding = embedding + self.model.no_mem_embed.view(1, -1, 1, 1)
+        return embedding, high_res
+
+    def encode_frame(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """SAM 2 only: preprocessed (B, 3, S, S) video frames -> the float32 coarsest FPN
+        level (B, C, h, w) as the tracker reads it (without ``no_mem_embed``, which
+        :meth:`encode` adds) and the projected high-resolution levels."""
+        if not isinstance(self.model, Sam2):
+            raise TypeError("encode_frame is SAM 2's (video frames)")
+        features = self.precision.encode(self.encoder, images)
+        return features[0], features[1]
 
     def decoder_input(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) float32 features as the decoder reads them (its dtype,
@@ -193,8 +213,10 @@ class _ImageFeatures(nn.Module):
     """The encoder call of a model whose decoder takes high-resolution features: its
     ``encode_image``, (B, 3, S, S) -> (embedding, [projected 1/4 and 1/8 features]).
 
-    The model says what its embedding is (SAM 2's adds ``no_mem_embed`` to the coarsest
-    FPN level); a module around it, so that it can be folded and compiled.
+    The model says what its embedding is, except SAM 2's: its coarsest FPN level itself,
+    which video frames are tracked on (:meth:`InferenceModel.encode` adds
+    ``no_mem_embed`` for the image path, the same float32 addition ``encode_image``
+    makes). A module around it, so that it can be folded and compiled.
     """
 
     def __init__(self, model: Sam | Sam2) -> None:
@@ -202,7 +224,11 @@ class _ImageFeatures(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        embeddings, high_res = self.model.encode_image(images)
+        model = self.model
+        if isinstance(model, Sam2):
+            fine, medium, coarse = model.image_encoder(images).backbone_fpn
+            return coarse, model.sam_mask_decoder.project_high_res([fine, medium])
+        embeddings, high_res = model.encode_image(images)
         assert high_res is not None  # made only for a model that uses them
         return embeddings, high_res
 

@@ -42,7 +42,7 @@ S x S model input, (x, y); labels 1 foreground, 0 background, 2 and 3 a box's co
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -255,16 +255,20 @@ def condition_on_memory(
     memories: Sequence[MemoryFrame],
     pointers: Sequence[ObjectPointer],
     num_frames: int,
+    attention: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The frame's (B, C, h, w) features conditioned on its memory bank (step 1 of the
-    module docstring); ``num_frames`` (the video's) scales the pointers' encoding."""
+    module docstring); ``num_frames`` (the video's) scales the pointers' encoding.
+    ``attention``: what computes ``model.memory_attention`` (the default), for a caller
+    with a faster form of it."""
     if not memories and not pointers:
         raise ValueError("a tracked frame needs memories or pointers (a prompted frame first)")
     batch, channels, height, width = frame.features.shape
     memory, memory_pos, num_pointer_tokens = memory_tokens(
         model, memories, pointers, num_frames, frame.features.dtype
     )
-    conditioned = model.memory_attention(
+    attention = model.memory_attention if attention is None else attention
+    conditioned = attention(
         curr=frame.features.flatten(2).transpose(1, 2),
         curr_pos=frame.pos_enc.flatten(2).transpose(1, 2),
         memory=memory,
@@ -433,6 +437,7 @@ def track_frame(
     points: tuple[torch.Tensor, torch.Tensor] | None = None,
     mask_inputs: torch.Tensor | None = None,
     prev_mask_logits: torch.Tensor | None = None,
+    attention: Callable[..., torch.Tensor] | None = None,
 ) -> HeadsOutput:
     """One frame's mask and object pointer (Meta's ``track_step`` without the memory
     encoder; see :func:`encode_memory`).
@@ -446,13 +451,14 @@ def track_frame(
         mask_inputs: (B, 1, S, S) 0/1 mask prompt, or None (not with points).
         prev_mask_logits: (B, 1, 4h, 4w) the frame's earlier low-res logits, decoded
             with new ``points`` (a click refining a mask).
+        attention: see :func:`condition_on_memory`.
     """
     if mask_inputs is not None and model.config.use_mask_input_as_output_without_sam:
         return mask_as_output(model, frame, mask_inputs)
     if is_init_cond_frame:
         features = without_memory(model, frame)
     else:
-        features = condition_on_memory(model, frame, memories, pointers, num_frames)
+        features = condition_on_memory(model, frame, memories, pointers, num_frames, attention)
     if prev_mask_logits is not None:
         mask_inputs = prev_mask_logits
     num_points = 0 if points is None else points[1].shape[1]
