@@ -48,7 +48,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 # Meta's package imports torchvision; tests/standins provides the few names it uses.
 sys.path[:0] = [str(ROOT / "tests" / "standins"), str(ROOT / "tests"), str(ROOT / "src")]
+sys.path.insert(3, str(ROOT / "benchmarks"))
 
+from bench_speed import best_of, mask_iou, relative_error  # noqa: E402
 from reference import randomize_  # noqa: E402
 from sam2.build_sam import build_sam2_video_predictor  # noqa: E402
 from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
@@ -138,28 +140,6 @@ def write_video(folder: Path, count: int) -> Path:
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def best_of(repeats: int, runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Best seconds of each callable over ``repeats`` interleaved rounds."""
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-def relative_error(ours: Any, reference: Any) -> float:
-    ours, reference = torch.as_tensor(ours).double(), torch.as_tensor(reference).double()
-    return float((ours - reference).norm() / reference.norm())
-
-
-def mask_iou(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def print_table(title: str, rows: list[tuple[str, float, dict[str, str]]]) -> None:

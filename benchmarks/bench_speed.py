@@ -132,7 +132,9 @@ def relative_error(ours: Any, reference: Any) -> float:
     return float((ours - reference).norm() / reference.norm())
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+def mask_iou(a: Any, b: Any) -> float:
+    """IoU of two masks (bool, or 0/1 numbers: non-zero is inside)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 

@@ -362,17 +362,7 @@ class Sam2ImagePredictor:
         points (B, N, 2) and labels (B, N), boxes (B, 2, 2) as corners, in the model's
         S x S frame; mask logits (1 or B, 1, 256, 256)."""
         size = self._orig_hw[index]
-        bounds = size if normalize_coords else (1, 1)
-        try:
-            points = _point_sets(point_coords, point_labels, bounds)
-            boxes = check_boxes(box, bounds)
-        except SeganyError as error:
-            if normalize_coords:
-                raise
-            raise SeganyError(
-                f"{error} (with normalize_coords=False, coordinates are fractions 0-1 of the "
-                "width and height)"
-            ) from None
+        points, boxes = checked_prompts(point_coords, point_labels, box, size, normalize_coords)
         if points is not None and boxes is not None and len(points[0]) != len(boxes):
             raise SeganyError(
                 f"{len(points[0])} point sets but {len(boxes)} boxes; give one set per box"
@@ -468,6 +458,28 @@ def _rgb_pixels(image: np.ndarray | Image.Image, what: str) -> np.ndarray:
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     return check_image(image, what=what)
+
+
+def checked_prompts(
+    point_coords: ArrayLike | None,
+    point_labels: ArrayLike | None,
+    box: ArrayLike | None,
+    size: tuple[int, int],
+    normalize_coords: bool,
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
+    """Clicks and boxes checked against an (H, W) image (pixels), or against the unit
+    square when ``normalize_coords`` is False (fractions of the width and height): the
+    point sets of :func:`_point_sets` and the (B, 4) XYXY boxes, each None if not given."""
+    bounds = size if normalize_coords else (1, 1)
+    try:
+        return _point_sets(point_coords, point_labels, bounds), check_boxes(box, bounds)
+    except SeganyError as error:
+        if normalize_coords:
+            raise
+        raise SeganyError(
+            f"{error} (with normalize_coords=False, coordinates are fractions 0-1 of the "
+            "width and height)"
+        ) from None
 
 
 def _point_sets(

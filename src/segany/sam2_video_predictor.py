@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from .errors import SeganyError
 from .inference.model import InferenceModel
 from .inference.precision import resolve_precision
-from .inputs import ArrayLike, check_boxes
+from .inputs import ArrayLike
 from .masks import remove_small_regions
 from .modeling import sam2_tracking as tracking
 from .modeling.sam2 import Sam2
 from .modeling.sam2_tracking import NO_OBJ_SCORE, FrameFeatures, MemoryFrame, ObjectPointer
-from .sam2_predictor import _point_sets, _with_box_corners
+from .sam2_predictor import _with_box_corners, checked_prompts
 from .video_frames import PathLike, load_video_frames
 
 InferenceState = dict[str, Any]
@@ -699,17 +699,9 @@ class Sam2VideoPredictor:
                 "then the clicks with clear_old_points=False"
             )
         size = (state["video_height"], state["video_width"])
-        bounds = size if normalize_coords else (1, 1)
-        try:
-            point_sets = _point_sets(_array(points), _array(labels), bounds)
-            boxes = check_boxes(_array(box), bounds)
-        except SeganyError as error:
-            if normalize_coords:
-                raise
-            raise SeganyError(
-                f"{error} (with normalize_coords=False, coordinates are fractions 0-1 of the "
-                "width and height)"
-            ) from None
+        point_sets, boxes = checked_prompts(
+            _array(points), _array(labels), _array(box), size, normalize_coords
+        )
         if point_sets is not None and len(point_sets[0]) != 1:
             raise SeganyError(
                 f"points are for one object: (N, 2) or (1, N, 2), got {point_sets[0].shape}"
