@@ -18,11 +18,16 @@ import torch
 from PIL import Image
 from reference import make_model_pair
 
-from segany import SamAutomaticMaskGenerator, SamPredictor, SeganyError
+from segany import (
+    SamAutomaticMaskGenerator,
+    SamPredictor,
+    SeganyError,
+    sam2_automatic_mask_generator,
+)
 from segany.build import build_sam
 from segany.cli import main
+from segany.commands import common
 from segany.commands import eval as eval_command
-from segany.commands import everything, segment
 from segany.inference import model as inference_model
 from segany.inference.attention import fold_image_projection
 from segany.inference.mask_decoder import FastMaskDecoder
@@ -702,7 +707,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[dict]:
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp32", "--compile"]])
 def test_segment_passes_precision(flags, tmp_path, image_path, checkpoint, monkeypatch) -> None:
-    calls = _spy(monkeypatch, segment, "SamPredictor")
+    calls = _spy(monkeypatch, common, "SamPredictor")  # built for the model's family there
     monkeypatch.setattr(inference_model, "compiled", lambda module: module)  # compiling is slow
     out = tmp_path / "mask.png"
     args = ["segment", str(image_path), "--point", "40,30", "--checkpoint", str(checkpoint)]
@@ -712,7 +717,7 @@ def test_segment_passes_precision(flags, tmp_path, image_path, checkpoint, monke
 
 
 def test_everything_and_eval_pass_precision(tmp_path, monkeypatch, checkpoint) -> None:
-    generators = _spy(monkeypatch, everything, "SamAutomaticMaskGenerator")
+    generators = _spy(monkeypatch, sam2_automatic_mask_generator, "SamAutomaticMaskGenerator")
     image = tmp_path / "in" / "a.png"
     image.parent.mkdir()
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(image)
@@ -720,9 +725,9 @@ def test_everything_and_eval_pass_precision(tmp_path, monkeypatch, checkpoint) -
     assert main([*args, "--points-per-side", "2", "--precision", "bf16"]) == 0
     assert generators[0]["precision"] == "bf16" and generators[0]["compile"] is False
     # eval, on a stand-in data set and evaluation: only the plumbing is under test.
-    predictors = _spy(monkeypatch, eval_command, "SamPredictor")
+    predictors = _spy(monkeypatch, common, "SamPredictor")
     monkeypatch.setattr(eval_command, "load_dataset", lambda *args, **kwargs: None)
-    monkeypatch.setattr(eval_command, "model_from_args", lambda args: make_model_pair()[0])
+    monkeypatch.setattr(common, "model_from_args", lambda args: make_model_pair()[0])
     monkeypatch.setattr(eval_command, "evaluate", _stop)
     with pytest.raises(_Stop):
         main(["eval", "--data", str(tmp_path), "--precision", "fp32", "--device", "cpu"])
