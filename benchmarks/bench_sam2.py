@@ -19,7 +19,10 @@ seconds, the ratio official / segany and the agreement with Meta's float32 resul
   any object on any frame. Hole filling is off in both (Meta's needs its CUDA extension
   and skips it on a CPU);
 * ``memory`` (``--memory-frames N``): the peak resident memory (VmHWM) of a fresh
-  process per library that reads an N-frame video and tracks one object through it.
+  process per library that reads an N-frame video and tracks one object through it; with
+  ``--memory-tracked M``, through its first M frames only, the peak then extrapolated to
+  all N by the growth of the inference state per frame (what each frame's outputs add:
+  both libraries hold every frame from the start, so the rest of the peak is the same).
 
     .venv/bin/python benchmarks/bench_sam2.py --quick
     .venv/bin/python benchmarks/bench_sam2.py --models hiera_tiny,hiera_base_plus --repeats 3
@@ -82,10 +85,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-image", action="store_true", help="no embed/predict tables")
     parser.add_argument("--memory-frames", type=int, default=200,
                         help="frames of the peak-memory run (0: skip it)")  # fmt: skip
+    parser.add_argument("--memory-tracked", type=int, default=None,
+                        help="of those, frames tracked (default: all); the peak is "
+                             "extrapolated to all by the state's growth per frame")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="hiera_tiny, 2 repeats, 4 frames, no memory run")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--memory-child", nargs=4, metavar=("IMPL", "MODEL", "PRECISION", "DIR"),
+    parser.add_argument("--memory-child", nargs=5,
+                        metavar=("IMPL", "MODEL", "PRECISION", "DIR", "TRACKED"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
@@ -233,8 +240,9 @@ def bench_video(model: str, meta: Any, ours: Sam2, args: argparse.Namespace) -> 
 # -- peak memory, a fresh process per library ----------------------------------------------
 
 
-def memory_child(impl: str, model: str, precision: str, folder: str) -> None:
-    """Track one object through the video in ``folder``; print the process's peak RSS."""
+def memory_child(impl: str, model: str, precision: str, folder: str, tracked: str) -> None:
+    """Track one object through ``tracked`` frames of the video in ``folder`` (all when 0);
+    print the process's peak RSS and how many bytes the inference state grew per frame."""
     meta, ours = model_pair(model)
     predictor: Any = meta
     if impl == "segany":
@@ -248,31 +256,56 @@ def memory_child(impl: str, model: str, precision: str, folder: str) -> None:
         predictor.add_new_points_or_box(
             state, 0, 1, points=np.array([[CLICKS[0][0] * width, CLICKS[0][1] * height]]),
             labels=np.array([1], np.int32))  # fmt: skip
-        for _ in predictor.propagate_in_video(state):
-            pass
+        frames = int(tracked) or None
+        before, count = state_bytes(state), 0
+        for _ in predictor.propagate_in_video(state, max_frame_num_to_track=frames):
+            count += 1
+        growth = (state_bytes(state) - before) / max(count - 1, 1)
     status = Path("/proc/self/status").read_text().splitlines()
     peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_bytes": peak}))
+    print(json.dumps({"peak_bytes": peak, "bytes_per_frame": growth, "frames": count}))
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the distinct tensor storages an inference state holds (nested)."""
+    storages: dict[int, int] = {}
+    pending = [state]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return sum(storages.values())
 
 
 def bench_memory(model: str, args: argparse.Namespace) -> None:
+    total = args.memory_frames
+    tracked = min(args.memory_tracked or total, total)
     with tempfile.TemporaryDirectory() as folder:
-        write_video(Path(folder), args.memory_frames)
-        peaks = {}
+        write_video(Path(folder), total)
+        results = {}
         for impl, precision in [("official", "fp32"), *(("segany", p) for p in _modes(args))]:
-            command = [sys.executable, __file__, "--threads", str(args.threads),
-                       "--memory-child", impl, model, precision, folder]  # fmt: skip
+            command = [sys.executable, __file__, "--threads", str(args.threads), "--memory-child",
+                       impl, model, precision, folder, str(tracked)]  # fmt: skip
             start = time.perf_counter()
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            seconds = time.perf_counter() - start
-            peaks[f"{impl} {precision}"] = (json.loads(output.splitlines()[-1])["peak_bytes"],
-                                            seconds)  # fmt: skip
-    print(f"\npeak resident memory, {model}: one object through {args.memory_frames} frames "
-          "(a fresh process each)")  # fmt: skip
-    official = peaks[OFFICIAL][0]
-    for label, (peak, seconds) in peaks.items():
-        print(f"{label:16}{peak / 2**20:10.0f} MB{peak / official:8.2f}x of official"
-              f"   ({seconds:.0f} s in all)")  # fmt: skip
+            result = json.loads(output.splitlines()[-1])
+            result["seconds"] = time.perf_counter() - start
+            # The state grows by the same stored outputs each frame: the frames not
+            # tracked would have added that much to the peak.
+            result["peak_all"] = result["peak_bytes"] + (total - tracked) * result["bytes_per_frame"]
+            results[f"{impl} {precision}"] = result
+    shown = f"{total} frames" if tracked == total else f"{total} frames ({tracked} tracked)"
+    print(f"\npeak resident memory, {model}: one object through {shown}, a fresh process each")
+    official = results[OFFICIAL]["peak_all"]
+    for label, result in results.items():
+        print(f"{label:16}{result['peak_all'] / 2**20:10.0f} MB{result['peak_all'] / official:8.2f}x"
+              f" of official   (measured {result['peak_bytes'] / 2**20:.0f} MB; state "
+              f"+{result['bytes_per_frame'] / 2**20:.2f} MB a frame; {result['seconds']:.0f} s)")
 
 
 def _modes(args: argparse.Namespace) -> list[str]:

@@ -462,7 +462,8 @@ def test_video_file_frames_are_opencv_decodes(tmp_path: Path) -> None:
     assert len(decoded) == 4
 
     frames, got_height, got_width = load_video_frames(path, SESSION_SIZE)
-    assert (got_height, got_width) == FRAME_SIZE and frames.shape == (4, 3, 128, 128)
+    assert (got_height, got_width) == FRAME_SIZE and len(frames) == 4
+    assert all(frame.shape == (3, SESSION_SIZE, SESSION_SIZE) for frame in frames)
     for index, (frame, rgb) in enumerate(zip(frames, decoded, strict=True)):
         png = tmp_path / f"{index}.png"
         Image.fromarray(rgb).save(png)
@@ -602,11 +603,16 @@ def test_tracking_before_the_first_prompt(small_predictor: Sam2VideoPredictor, v
 
 
 def test_state_on_cpu_is_not_copied(small_predictor: Sam2VideoPredictor, video: Path) -> None:
-    """Offloading to CPU memory on a CPU changes nothing: the frame encoded is a view of
-    the video's frames, and the state stays on the one device."""
+    """Offloading to CPU memory on a CPU changes nothing: the video's frames are kept once,
+    as their resized uint8 pixels (a quarter of Meta's float32 frames: N x S x S x 3 bytes
+    in all), and the state stays on the one device."""
     state = small_predictor.init_state(video, offload_video_to_cpu=True, offload_state_to_cpu=True)
-    image, _ = state["cached_features"][0]
-    assert image.data_ptr() == state["images"][0].data_ptr()
+    frames = state["images"]
+    kept = {
+        frames.pixels(i).untyped_storage().data_ptr(): frames.pixels(i) for i in range(len(frames))
+    }
+    assert all(p.dtype == torch.uint8 and p.device.type == "cpu" for p in kept.values())
+    assert sum(p.nbytes for p in kept.values()) == FRAME_COUNT * SESSION_SIZE**2 * 3
     assert state["storage_device"] == state["device"] == torch.device("cpu")
 
 
