@@ -154,34 +154,37 @@ def _attention_by_products(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
+    rel_h: torch.Tensor | None,
+    rel_w: torch.Tensor | None,
     max_rows: int,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(C) + bias) v as batched products over chunks of query rows.
 
     Args:
-        q, k, v: (B, heads, N, C) (any strides).
+        q: (B, heads, N, C) queries; k, v: (B, heads, Nk, C) keys and values (any strides).
         rel_h, rel_w: (B, heads, N, k_h) and (B, heads, N, k_w) bias factors
-            (:func:`decomposed_rel_pos_terms`).
+            (:func:`decomposed_rel_pos_terms`), or None for no bias (Hiera's attention).
         max_rows: upper bound on the query rows of one chunk.
 
     Returns:
         (B, heads, N, C).
     """
     batch, heads, tokens, dim = q.shape
-    row_bytes = batch * heads * tokens * q.element_size()
+    keys = k.shape[-2]
+    row_bytes = batch * heads * keys * q.element_size()
     rows = max(1, min(max_rows, SCORE_CHUNK_BYTES // row_bytes))
     scaled_q = (q * dim**-0.5).reshape(batch * heads, tokens, dim)
-    # Contiguous (C, N) per head, or every product would copy the transposed keys again.
-    keys_t = k.reshape(batch * heads, tokens, dim).transpose(1, 2).contiguous()
-    values = v.reshape(batch * heads, tokens, -1)
-    rel_h, rel_w = rel_h.flatten(0, 1), rel_w.flatten(0, 1)
+    # Contiguous (C, Nk) per head, or every product would copy the transposed keys again.
+    keys_t = k.reshape(batch * heads, keys, dim).transpose(1, 2).contiguous()
+    values = v.reshape(batch * heads, keys, -1)
     out = q.new_empty((batch * heads, tokens, values.shape[-1]))
     for start in range(0, tokens, rows):
         part = slice(start, start + rows)
-        scores = expand_rel_pos_bias(rel_h[:, part], rel_w[:, part])
-        scores.baddbmm_(scaled_q[:, part], keys_t)
+        if rel_h is None or rel_w is None:
+            scores = torch.bmm(scaled_q[:, part], keys_t)
+        else:
+            scores = expand_rel_pos_bias(rel_h.flatten(0, 1)[:, part], rel_w.flatten(0, 1)[:, part])
+            scores.baddbmm_(scaled_q[:, part], keys_t)
         torch.bmm(scores.softmax(-1), values, out=out[:, part])
     return out.view(batch, heads, tokens, -1)
 
