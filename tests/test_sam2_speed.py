@@ -10,11 +10,14 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from segany.inference.memory_attention import FastMemoryAttention, folds_values
 from segany.inference.model import InferenceModel
 from segany.inference.precision import resolve_precision
+from segany.modeling import hiera, image_encoder
 from segany.modeling import sam2_tracking as tracking
+from segany.modeling.hiera import PooledAttention
 from segany.modeling.memory_attention import MemoryAttention, MemoryAttentionConfig
 from segany.modeling.sam2 import SAM2_CONFIGS, Sam2
 
@@ -167,3 +170,30 @@ def test_bf16_tracking_step_overlaps_fp32(small_sam2: Sam2, copy: bool) -> None:
     assert 0.05 < float(want.float().mean()) < 0.95  # a mask with an edge, not all or none
     iou = float((want & got).sum() / (want | got).sum())
     assert iou >= 0.97, iou
+
+
+@pytest.mark.parametrize("q_stride", [None, 2], ids=["global", "pooled queries"])
+def test_hiera_attention_by_products_is_the_textbook_formula(
+    monkeypatch: pytest.MonkeyPatch, q_stride: int | None
+) -> None:
+    """Hiera's attention as products over chunks of query rows (its bfloat16 form on a
+    CPU), forced in float32 with chunks of 5 query rows, against softmax(q k^T / sqrt(d)) v
+    written out (queries max-pooled 2 x 2 by PyTorch's pooling where the block pools)."""
+    g = torch.Generator().manual_seed(0)
+    attention = PooledAttention(dim=16, dim_out=32, num_heads=2, q_stride=q_stride).eval()
+    x = torch.randn((3, 8, 8, 16), generator=g)
+    monkeypatch.setattr(hiera, "_attention_by_products_is_faster", lambda q: True)
+    monkeypatch.setattr(image_encoder, "SCORE_CHUNK_BYTES", 3 * 2 * 64 * 4 * 5)
+    with torch.no_grad():
+        got = attention(x)
+        q, k, v = attention.qkv(x).reshape(3, 64, 3, 2, 16).unbind(2)  # (3, 64, heads, 16)
+        side = 8
+        if q_stride:
+            grid = q.reshape(3, 8, 8, 32).permute(0, 3, 1, 2)
+            q = F.max_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(3, 16, 2, 16)
+            side = 4
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = (q @ k.transpose(-1, -2) / 4).softmax(-1) @ v
+        expected = attention.proj(out.transpose(1, 2).reshape(3, side, side, 32))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert hiera._attention_by_products_is_faster(torch.zeros(1, dtype=torch.bfloat16))
