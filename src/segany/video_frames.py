@@ -208,14 +208,12 @@ class AsyncVideoFrames(VideoFrames):
         return pixels
 
     def _read(self, index: int) -> torch.Tensor:
-        if self._error is not None:
-            raise SeganyError(f"reading the frames failed: {self._error}") from self._error
         return self._store(index, _open_jpeg(self.paths[index]))
 
-    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
-        if self._error is not None:
+    def pixels(self, index: int) -> torch.Tensor:
+        if self._error is not None:  # the background reader failed: raised to every reader
             raise SeganyError(f"reading the frames failed: {self._error}") from self._error
-        return super().__getitem__(index)
+        return super().pixels(index)
 
 
 def _check_size(image: Image.Image, size: tuple[int, int], name: str) -> None:

@@ -177,13 +177,14 @@ def _attention_by_products(
     # Contiguous (C, Nk) per head, or every product would copy the transposed keys again.
     keys_t = k.reshape(batch * heads, keys, dim).transpose(1, 2).contiguous()
     values = v.reshape(batch * heads, keys, -1)
+    bias = None if rel_h is None or rel_w is None else (rel_h.flatten(0, 1), rel_w.flatten(0, 1))
     out = q.new_empty((batch * heads, tokens, values.shape[-1]))
     for start in range(0, tokens, rows):
         part = slice(start, start + rows)
-        if rel_h is None or rel_w is None:
+        if bias is None:
             scores = torch.bmm(scaled_q[:, part], keys_t)
         else:
-            scores = expand_rel_pos_bias(rel_h.flatten(0, 1)[:, part], rel_w.flatten(0, 1)[:, part])
+            scores = expand_rel_pos_bias(bias[0][:, part], bias[1][:, part])
             scores.baddbmm_(scaled_q[:, part], keys_t)
         torch.bmm(scores.softmax(-1), values, out=out[:, part])
     return out.view(batch, heads, tokens, -1)
