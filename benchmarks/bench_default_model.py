@@ -8,7 +8,8 @@ high-resolution features where the model has them), of the decoder alone (prompt
 the automatic mask generator), and of a whole ``predict`` (three masks at 640x480); then,
 on the validation stems of ../shared/data/splits.json of every set, box-prompt mIoU beside
 OpenCV GrabCut from the same boxes, mIoU after 1 and 5 clicks on coco-mval, how well the
-predicted IoU tracks the actual one, and issue 19's floors.
+predicted IoU tracks the actual one, and issue 19's floors. ``--zoom`` scores the same
+with small objects segmented again on a crop around them (:class:`segany.ZoomPredictor`).
 
 An AVX2-only CPU (no native bf16) can be approximated on a newer one by restricting
 oneDNN's and ATen's kernels:
@@ -34,6 +35,7 @@ from segany.data import load_dataset
 from segany.evaluate import evaluate, grabcut, iou, mask_box
 from segany.inference.precision import cpu_name
 from segany.predictor import SamPredictor
+from segany.zoom_predictor import ZoomPredictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -121,13 +123,16 @@ def grabcut_scores(dataset: torch.utils.data.Dataset, name: str) -> dict[str, fl
     return cached
 
 
-def quality(model: torch.nn.Module, name: str, limit: int | None) -> dict[str, float | None]:
+def quality(
+    model: torch.nn.Module, name: str, limit: int | None, zoom: bool = False
+) -> dict[str, float | None]:
     dataset = load_dataset(SHARED / name, split="val")
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
     photos = name == "coco-mval"
+    predictor = SamPredictor(model, precision="fp32")
     result = evaluate(
-        SamPredictor(model, precision="fp32"),
+        ZoomPredictor(predictor) if zoom else predictor,
         dataset,
         ("box", "clicks") if photos else ("box", "point"),
         max_clicks=5,
@@ -199,6 +204,12 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument(
+        "--zoom",
+        action="store_true",
+        help="score the predictor with small objects zoomed (segany.ZoomPredictor, "
+        "`segany eval --zoom`)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(None if args.checkpoint else "default", args.checkpoint, "cpu").eval()
@@ -209,16 +220,17 @@ def main() -> None:
         f"CPU: {cpu_name()}, {args.threads} threads" + (f"; kernels limited: {isa}" if isa else "")
     )
 
-    report: dict[str, object] = {"cpu": cpu_name(), "isa_limits": isa}
+    report: dict[str, object] = {"cpu": cpu_name(), "isa_limits": isa, "zoom": args.zoom}
     if not args.skip_latency:
         report["latency"] = latency(model, args.repeats)
         for key, value in report["latency"].items():
             print(f"{key:<32} {value:8.1f}")
     if not args.skip_quality:
         for name in args.sets:
-            scores = quality(model, name, args.limit)
+            scores = quality(model, name, args.limit, args.zoom)
             report[name] = scores
-            print(f"\n{name} validation ({scores['n_objects']} objects)")
+            zoomed = ", small objects zoomed" if args.zoom else ""
+            print(f"\n{name} validation ({scores['n_objects']} objects{zoomed})")
             for key in (
                 "miou_box",
                 "grabcut_miou_box",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .sam2_automatic_mask_generator import Sam2AutomaticMaskGenerator
     from .sam2_predictor import Sam2ImagePredictor
     from .sam2_video_predictor import Sam2VideoPredictor
+    from .zoom_predictor import ZoomPredictor
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ _LAZY = {
     "SamAutomaticMaskGenerator": ".automatic_mask_generator",
     "SamConfig": ".build",
     "SamPredictor": ".predictor",
+    "ZoomPredictor": ".zoom_predictor",
     "build_sam": ".build",
     "load_model": ".loading",
     "sam_model_registry": ".build",
@@ -53,6 +55,7 @@ __all__ = [
     "SamConfig",
     "SamPredictor",
     "SeganyError",
+    "ZoomPredictor",
     "__version__",
     "build_sam",
     "load_model",

@@ -13,14 +13,19 @@ from ..loading import load_model, model_family, resolve_device
 from ..modeling import Sam, Sam2
 from ..predictor import SamPredictor
 from ..sam2_predictor import Sam2ImagePredictor
+from ..zoom_predictor import ZoomPredictor
 
 
 def add_model_arguments(
-    parser: argparse.ArgumentParser, device: bool = True, precision: bool = False
+    parser: argparse.ArgumentParser,
+    device: bool = True,
+    precision: bool = False,
+    zoom: bool = False,
 ) -> None:
-    """``--model``, ``--checkpoint``, (unless ``device`` is False) ``--device``, and for
-    commands that run the model (``precision``) ``--precision`` and ``--compile``; pass
-    the latter two on with :func:`inference_options`."""
+    """``--model``, ``--checkpoint``, (unless ``device`` is False) ``--device``, for
+    commands that run the model (``precision``) ``--precision`` and ``--compile`` (pass
+    them on with :func:`inference_options`), and for prompted prediction (``zoom``)
+    ``--zoom``, which :func:`image_predictor_from_args` reads."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -49,6 +54,13 @@ def add_model_arguments(
             action="store_true",
             help="compile the image encoder with torch.compile (slow first image; falls "
             "back to normal mode with a warning where unsupported)",
+        )
+    if zoom:
+        group.add_argument(
+            "--zoom",
+            action="store_true",
+            help="segment small objects again on a crop around them (SAM-family models; "
+            "one more image embedding per object, sharper masks of small objects)",
         )
 
 
@@ -119,13 +131,18 @@ def model_from_args(args: argparse.Namespace) -> Sam | Sam2:
 
 def image_predictor_from_args(
     args: argparse.Namespace, **options: Any
-) -> SamPredictor | Sam2ImagePredictor:
+) -> SamPredictor | Sam2ImagePredictor | ZoomPredictor:
     """The model of ``--model``/``--checkpoint`` in its family's predictor (SAM's or SAM
-    2's: the same ``set_image``/``predict``), with ``options`` (precision, compile)."""
+    2's: the same ``set_image``/``predict``), with ``options`` (precision, compile);
+    wrapped in a :class:`ZoomPredictor` with ``--zoom``."""
     model = model_from_args(args)
+    zoom = getattr(args, "zoom", False)
     if isinstance(model, Sam2):
+        if zoom:
+            raise SeganyError("--zoom works with SAM-family models; leave it out for SAM 2")
         return Sam2ImagePredictor(model, **options)
-    return SamPredictor(model, **options)
+    predictor = SamPredictor(model, **options)
+    return ZoomPredictor(predictor) if zoom else predictor
 
 
 def inference_options(args: argparse.Namespace) -> dict[str, Any]:

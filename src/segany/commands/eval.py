@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--plot", metavar="FILE.png", help="write mIoU against clicks as a PNG plot"
     )
-    add_model_arguments(parser, precision=True)
+    add_model_arguments(parser, precision=True, zoom=True)
     parser.set_defaults(run=run)
 
 

@@ -52,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--overlay", metavar="PICTURE.png", help="also write the mask laid over the image"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_model_arguments(parser, precision=True)
+    add_model_arguments(parser, precision=True, zoom=True)
     parser.set_defaults(run=run)
 
 

@@ -94,3 +94,34 @@ def _on(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize blocks on ``like``'s device, the weights in its dtype."""
     return index.to(like.device), weight.to(like.device, like.dtype)
+
+
+def downscale_logits(
+    logits: torch.Tensor,
+    model_size: int,
+    input_size: tuple[int, int],
+    low_res_size: tuple[int, int],
+) -> torch.Tensor:
+    """The way back of :func:`upscale_logits`: mask logits of the original image into the
+    model's low-res frame, as ``mask_input`` takes them.
+
+    Resizes to ``input_size`` (the image's part of the padded model input), pads to
+    ``model_size`` with each mask's lowest logit (the padding holds no object) and resizes
+    to ``low_res_size``; bilinear, antialiased where it shrinks.
+
+    Args:
+        logits: (B, C, H, W) logits, H, W = the original image's size.
+
+    Returns:
+        (B, C, h, w) logits, (h, w) = ``low_res_size``.
+    """
+    height, width = input_size
+    resized = F.interpolate(
+        logits, (height, width), mode="bilinear", align_corners=False, antialias=True
+    )
+    lowest = resized.amin(dim=(-2, -1), keepdim=True)
+    padded = lowest.expand(*resized.shape[:2], model_size, model_size).clone()
+    padded[..., :height, :width] = resized
+    return F.interpolate(
+        padded, tuple(low_res_size), mode="bilinear", align_corners=False, antialias=True
+    )
