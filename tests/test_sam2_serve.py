@@ -264,8 +264,10 @@ def test_limits_and_bad_input_are_as_for_sam(make_client) -> None:
         ({"points": [[5, 4]], "labels": [2]}, 400, ["label 2"]),
         ({"box": [50, 50, 10, 10]}, 400, ["x1 < x0"]),
         ({"box": [1, 2, 3]}, 422, ["box"]),
+        ({"box": [10, 10, 30, 30], "zoom": True}, 400, ["zoom works with SAM-family models"]),
     ):
         assert_one_line_error(client.post("/api/images/1/predict", json=body), status, *words)
+    assert client.get("/api/info").json()["zoom"] is False
     assert_one_line_error(client.post("/api/images/9/predict", json=CLICK), 404)
 
 

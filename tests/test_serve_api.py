@@ -44,6 +44,7 @@ from segany.serve.jobs import Job
 from segany.serve.library import _inside
 from segany.serve.segmenter import ModelLock
 from segany.serve.store import NewObject
+from segany.zoom_predictor import ZoomPredictor
 
 POINT = [[60.0, 50.0]]
 EVERYTHING = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -184,6 +185,28 @@ def test_openapi_schema_lists_the_endpoints(client) -> None:
 # -------------------------------------------------------------------------------------
 # Prediction
 # -------------------------------------------------------------------------------------
+
+
+def test_predict_with_zoom_gives_the_zoom_predictors_masks(
+    client, model, images_dir, monkeypatch
+) -> None:
+    # A random model's masks reach the crop's edges, where zoom keeps the whole image's
+    # masks; let the crop's masks through so that the zoomed path is what is compared.
+    monkeypatch.setattr(ZoomPredictor, "_cut_by_crop", lambda self, logits, crop: False)
+    assert client.get("/api/info").json()["zoom"] is True
+    box = [60, 40, 75, 52]
+    zoom = ZoomPredictor(SamPredictor(model))
+    zoom.set_image(read_image(images_dir / "a.png"))
+    masks, scores, _ = zoom.predict(box=np.array(box, float))
+    plain, _ = direct_prediction(model, images_dir / "a.png", box=np.array(box, float))
+    assert zoom.crop is not None and not np.array_equal(masks, plain)
+    for _ in range(2):  # the second time on the kept crop
+        body = client.post("/api/images/1/predict", json={"box": box, "zoom": True}).json()
+        for candidate, mask, score in zip(body["candidates"], masks, scores, strict=True):
+            np.testing.assert_array_equal(decode(candidate["mask"]), mask)
+            assert candidate["score"] == pytest.approx(float(score), abs=1e-5)
+    unzoomed = client.post("/api/images/1/predict", json={"box": box}).json()["candidates"]
+    np.testing.assert_array_equal(decode(unzoomed[0]["mask"]), plain[0])
 
 
 def test_predict_gives_the_predictors_own_masks(client, model, images_dir) -> None:

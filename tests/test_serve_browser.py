@@ -221,6 +221,17 @@ def test_click_pick_name_export(page, model, images_dir: Path, tmp_path: Path) -
     assert_drawn(page, masks[other])
 
 
+def test_zoom_choice_is_sent_with_the_prompts(page) -> None:
+    # Shown for a SAM-family model; ticking it asks again for the same prompts, zoomed.
+    assert page.locator("#zoom").is_visible()
+    request, _ = predict_after(page, lambda: page.mouse.click(*screen_point(page, *CLICK)))
+    assert request["zoom"] is False
+    wait_idle(page, candidates=3)
+    request, answer = predict_after(page, lambda: page.check("#zoom"))
+    assert request["zoom"] is True and np.allclose(request["points"], [CLICK], atol=1)
+    assert len(answer["candidates"]) == 3
+
+
 def test_segment_everything_and_keep(page) -> None:
     def relaxed(route) -> None:  # a random-weight model passes no quality threshold
         options = {**json.loads(route.request.post_data), **RELAXED}

@@ -227,3 +227,20 @@ def test_segment_cli_zoom_writes_the_zoomed_mask(tmp_path, checkpoint, capsys) -
     assert zoom.crop is not None
     assert np.array_equal(np.asarray(Image.open(out)) > 0, masks[0])
     assert f"score {scores[0]:.3f}" in capsys.readouterr().out
+
+
+def test_attach_image_uses_the_embedding_the_predictor_holds(model, image, zoom) -> None:
+    holder = SamPredictor(model, precision="fp32")
+    holder.set_image_embedding(
+        zoom.predictor.get_image_embedding(), (HEIGHT, WIDTH), zoom.predictor.high_res_features
+    )
+    attached = ZoomPredictor(holder)
+    with pytest.raises(SeganyError, match="embedding of another size"):
+        attached.attach_image(image[:100])
+    attached.attach_image(image)
+    box = [100, 50, 250, 200]  # large: the whole image's embedding answers
+    for a, b in zip(attached.predict(box=box), zoom.predict(box=box), strict=True):
+        np.testing.assert_array_equal(a, b)
+    attached.predict(box=[100, 100, 120, 116])
+    zoom.predict(box=[100, 100, 120, 116])
+    assert attached.crop is not None and attached.crop == zoom.crop

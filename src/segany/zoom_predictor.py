@@ -137,6 +137,20 @@ class ZoomPredictor:
         self.crop = None
         self.crop_predictor.reset_image()
 
+    def attach_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Take the pixels of the image whose embedding the wrapped predictor already
+        holds (restored with ``set_image_embedding``, as a server with an embedding
+        cache does), for the crops, without embedding the image again."""
+        pixels = check_image(image, image_format, self.predictor.model.image_format)
+        if self.predictor.original_size != pixels.shape[:2]:
+            raise SeganyError(
+                f"the image is {pixels.shape[1]}x{pixels.shape[0]} but the predictor holds "
+                "the embedding of another size; attach the image it was computed from"
+            )
+        self.image = pixels
+        self.crop = None
+        self.crop_predictor.reset_image()
+
     def predict(
         self,
         point_coords: ArrayLike | None = None,

@@ -173,6 +173,12 @@ class Prompts(Body):
 
 class PredictIn(Prompts):
     multimask: bool = Field(True, description="three candidate masks instead of one")
+    zoom: bool = Field(
+        False,
+        description="segment a small object again on a crop three times its size (SAM-family "
+        "models, see /api/info's zoom): sharper masks of small objects, one more image "
+        "embedding per object",
+    )
 
 
 class Candidate(BaseModel):
@@ -460,6 +466,7 @@ def info(project: ProjectDep) -> dict[str, Any]:
         "version": __version__,
         "model": settings.model_name,
         "model_family": project.segmenter.family,  # "sam" or "sam2": whose options apply
+        "zoom": project.segmenter.family == "sam",  # whether predict takes zoom
         "images_dir": None if settings.images_dir is None else str(settings.images_dir),
         "project_dir": str(settings.project_dir),
         # The limits on one request (see segany.serve.limits).
@@ -546,6 +553,7 @@ def predict(project: ProjectDep, image_id: ImageId, body: PredictIn) -> PredictO
         labels,
         box,
         body.multimask,
+        body.zoom,
     )
     candidates = [
         Candidate(mask=RLE(**rle), score=float(score), area=int(mask.sum()))

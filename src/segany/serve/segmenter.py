@@ -39,11 +39,13 @@ import torch
 from ..amg_options import AMG_OPTIONS, AmgOptions
 from ..atomic import atomic_path
 from ..automatic_mask_generator import MaskCandidates, SamAutomaticMaskGenerator
+from ..errors import SeganyError
 from ..masks import generate_crop_boxes
 from ..modeling import Sam, Sam2
 from ..predictor import SamPredictor
 from ..sam2_automatic_mask_generator import Sam2AutomaticMaskGenerator
 from ..sam2_predictor import Sam2ImagePredictor
+from ..zoom_predictor import ZoomPredictor
 
 ImageLoader = Callable[[], np.ndarray]
 EmbeddingSource = Literal["memory", "disk", "computed"]
@@ -338,6 +340,9 @@ class Segmenter:
         self.cache_dir = None if cache_dir is None else cache_dir / folder
         self._memory: OrderedDict[str, Embedding] = OrderedDict()
         self._current: str | None = None  # the key whose embedding the predictor holds
+        # Small objects again on a crop (SAM's family): crops share the predictor's model.
+        self._zoom = ZoomPredictor(self.predictor) if self.family == "sam" else None
+        self._zoomed: str | None = None  # the key whose pixels the zoom predictor holds
         self._lock = ModelLock()
 
     # -- embeddings ---------------------------------------------------------------------
@@ -413,6 +418,7 @@ class Segmenter:
         labels: np.ndarray | None,
         box: np.ndarray | None,
         multimask: bool = True,
+        zoom: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, EmbeddingSource, float]:
         """Masks for one prompt set: the family's predictor's ``predict`` on the cached
         embedding.
@@ -421,15 +427,27 @@ class Segmenter:
             points: (N, 2) pixel (x, y) of the original image, or None.
             labels: (N,) 1 = foreground, 0 = background.
             box: (4,) XYXY box in pixels, or None.
+            zoom: predict a small object again on a crop around it
+                (:class:`~segany.zoom_predictor.ZoomPredictor`; SAM's family).
 
         Returns:
             masks (C, H, W) bool, scores (C,), where the embedding came from, and the
-            seconds the decoder took.
+            seconds the decoder (and with ``zoom``, the crop's encoder) took.
         """
+        if zoom and self._zoom is None:
+            raise SeganyError("zoom works with SAM-family models; leave it out for SAM 2")
         with self._lock.interactive():
             source = self._hold(key, load_image)
+            predictor: Any = self.predictor
+            if zoom:
+                assert self._zoom is not None
+                if self._zoomed != key:
+                    self._zoomed = None  # in case the image cannot be read
+                    self._zoom.attach_image(load_image())
+                    self._zoomed = key
+                predictor = self._zoom
             start = time.perf_counter()
-            masks, scores, _ = self.predictor.predict(
+            masks, scores, _ = predictor.predict(
                 point_coords=points, point_labels=labels, box=box, multimask_output=multimask
             )
             # SAM 2's predictor gives float 0/1 masks, as Meta's does; SAM's are bool.

@@ -493,7 +493,8 @@ async function predict() {
     return;
   }
   render(); // show the new prompt at once
-  const { data } = await api("POST", `/api/images/${image.id}/predict`, state.prompts);
+  const body = { ...state.prompts, zoom: $("zoom").checked };
+  const { data } = await api("POST", `/api/images/${image.id}/predict`, body);
   if (seq !== state.predictSeq || current() !== image) return; // a newer prompt won
   setCandidates(data.candidates, data.best);
   say(`Mask in ${data.decoder_ms.toFixed(0)} ms. Enter saves it; 1-3 pick another candidate.`);
@@ -613,6 +614,7 @@ function wire() {
   $("undo").onclick = undo;
   $("clear").onclick = clearPrompts;
   $("save").onclick = () => saveObject().catch(fail);
+  $("zoom").onchange = () => predict().catch(fail);
   $("everything").onclick = () => segmentEverything().catch(fail);
   $("keep-all").onclick = () => proposals("POST", "/keep", "kept").catch(fail);
   $("discard-all").onclick = () => proposals("DELETE", "", "deleted").catch(fail);
@@ -627,6 +629,7 @@ async function start() {
     const { data } = await api("GET", "/api/info");
     $("model").textContent = `model ${data.model} · segany ${data.version}`;
     $("points-per-side").max = data.max_points_per_side; // the server's limit, one source
+    $("zoom-choice").hidden = !data.zoom;
     await loadImages();
     if (state.images.length) await openImage(0);
     else say("No images yet: upload some.");
