@@ -107,6 +107,23 @@ def test_bf16_masks_close_to_official_fp32(bf16_pair) -> None:
         assert _decided_iou(logits, ref_logits) > 0.97
 
 
+@pytest.mark.parametrize(
+    ("flags", "kernels", "native"),
+    [
+        ({"avx512_bf16": True}, "AVX512", True),
+        ({"amx_bf16": True}, "AVX512", True),
+        ({"avx512_bf16": True}, "AVX2", False),  # ATEN_CPU_CAPABILITY=avx2: emulated
+        ({"avx2": True}, "AVX2", False),
+        ({}, "DEFAULT", False),
+    ],
+)
+def test_native_bf16_needs_the_cpu_and_the_kernels(monkeypatch, flags, kernels, native) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
+    assert cpu_has_native_bf16() is native
+    assert resolve_precision("auto", CPU).name == ("bf16" if native else "fp32")
+
+
 def test_precision_names_and_devices() -> None:
     assert resolve_precision("fp32", CPU).encoder_dtype is None
     assert resolve_precision("bf16", CPU).encoder_dtype == torch.bfloat16

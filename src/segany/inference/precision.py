@@ -48,10 +48,18 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# PyTorch's kernel levels (torch.backends.cpu.get_cpu_capability) below AVX-512.
+_KERNELS_WITHOUT_BF16 = ("DEFAULT", "NO AVX", "AVX2")
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) and PyTorch's
+    kernels may use it: where they are held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, this
+    project's stand-in for an AVX2-only CPU) bfloat16 runs emulated, as there."""
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    if not (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")):
+        return False
+    return torch.backends.cpu.get_cpu_capability() not in _KERNELS_WITHOUT_BF16
 
 
 def cpu_name() -> str:
