@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,16 @@ import yaml
 from reference import randomize_
 
 from segany.build import build_sam_from_config, config_from_dict
-from segany.checkpoint import load_checkpoint
+from segany.checkpoint import load_checkpoint, read_metadata
 from segany.loading import load_model, save_model
-from segany.train import load_config, train
+from segany.train import load_config, train, trainer
 from segany.train.data_stream import SampleStream
-from segany.train.trainer import InteractiveStep, build_training_model
+from segany.train.trainer import (
+    PROGRESS_METADATA_KEY,
+    InteractiveStep,
+    build_training_model,
+    learning_rate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_HYBRID = {
@@ -134,6 +140,31 @@ def test_resume_continues_bit_for_bit(tmp_path: Path, shared_data: Path, changes
     load_checkpoint(from_checkpoint, second_half.output / "checkpoint.pt", "custom")
     for key, value in reference.state_dict().items():
         assert torch.equal(from_checkpoint.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_at_a_step_boundary_and_saves(
+    tmp_path: Path, shared_data: Path, monkeypatch, number: int
+) -> None:
+    config = load_config(write_config(tmp_path, shared_data, optim__steps=5))
+    sent = []
+
+    def signalling(optim, step, *rest):  # called as each step starts
+        if step == 2 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), number)
+        return learning_rate(optim, step, *rest)
+
+    monkeypatch.setattr(trainer, "learning_rate", signalling)
+    model_path = train(config, progress=False)
+    assert sent == [2]
+    # Step 2 (the third) finished; the checkpoint and the model say so.
+    assert torch.load(config.output / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert json.loads(read_metadata(model_path)[PROGRESS_METADATA_KEY])["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    monkeypatch.undo()
+    train(config, resume=True, progress=False)
+    assert torch.load(config.output / "checkpoint.pt", weights_only=False)["step"] == 5
 
 
 @pytest.mark.parametrize("architecture", [TINY_VIT, TINY_HYBRID], ids=["vit", "hybrid"])

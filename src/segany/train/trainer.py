@@ -48,6 +48,7 @@ from .data_stream import SampleStream
 from .init import load_decoder_checkpoint, load_encoder_init
 from .losses import sam_loss
 from .prompts import error_points, noisy_boxes, random_pixels, round_schedule
+from .stopping import StopRequests
 from .warmup import embedding_scale, fold_embedding_scale, random_embedding, random_shape_masks
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -473,6 +474,7 @@ def train(
     ``max_minutes``: stop at the first step boundary after that long (a chunk of a longer
     run), saving the checkpoint and the model with the progress reached; a later call
     goes on from there (``--resume`` on the same machine, ``model.continue_from`` on any).
+    Ctrl-C or SIGTERM stops the same way at the next step boundary (one process only).
     """
     world = Distributed.from_environment()
     device = resolve_device(config.device)
@@ -523,57 +525,64 @@ def train(
     window: list[dict[str, float]] = []
     tick = began = time.perf_counter()
     done, stopped = start, False
-    for step in bar:
-        if max_minutes is not None and time.perf_counter() - began > 60 * max_minutes:
-            stopped = True
-            break
-        scale_key = "warmup_lr_scale" if step < warmup_steps else "lr_scale"
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config.optim, step, first_step) * group[scale_key]
-        for micro in range(config.optim.grad_accum):
-            generator = _seed_everything(
-                config.optim.seed, step * config.optim.grad_accum + micro, world.rank
-            )
-            items = next(batches) if step >= warmup_steps else None
-            last = micro == config.optim.grad_accum - 1
-            sync = step_module.no_sync() if world.world_size > 1 and not last else nullcontext()
-            with sync:
-                with autocast:
-                    loss, parts = step_module(items, generator, embedding_scale(config.optim, step))
-                (loss / config.optim.grad_accum).backward()
-        if not math.isfinite(loss.item()):
-            raise SeganyError(
-                f"loss became {float(loss)} at step {step}; lower optim.lr or use fp32"
-            )
-        if config.optim.grad_clip > 0:
-            nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append({"loss": loss.item(), **{k: float(v) for k, v in parts.items()}})
+    # Ctrl-C / SIGTERM: stop at a step boundary and save below, as at a chunk's end.
+    with StopRequests(enabled=world.world_size == 1) as stop:
+        for step in bar:
+            out_of_time = max_minutes is not None and time.perf_counter() - began > 60 * max_minutes
+            if out_of_time or stop.requested:
+                stopped = True
+                break
+            scale_key = "warmup_lr_scale" if step < warmup_steps else "lr_scale"
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config.optim, step, first_step) * group[scale_key]
+            for micro in range(config.optim.grad_accum):
+                generator = _seed_everything(
+                    config.optim.seed, step * config.optim.grad_accum + micro, world.rank
+                )
+                items = next(batches) if step >= warmup_steps else None
+                last = micro == config.optim.grad_accum - 1
+                sync = step_module.no_sync() if world.world_size > 1 and not last else nullcontext()
+                with sync:
+                    with autocast:
+                        loss, parts = step_module(
+                            items, generator, embedding_scale(config.optim, step)
+                        )
+                    (loss / config.optim.grad_accum).backward()
+            if not math.isfinite(loss.item()):
+                raise SeganyError(
+                    f"loss became {float(loss)} at step {step}; lower optim.lr or use fp32"
+                )
+            if config.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window.append({"loss": loss.item(), **{k: float(v) for k, v in parts.items()}})
 
-        done = step + 1
-        if world.is_main and (done % config.log_every == 0 or done == config.optim.steps):
-            elapsed = time.perf_counter() - tick
-            record = {
-                "step": step,
-                **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
-                "lr": learning_rate(config.optim, step),
-                "images_per_s": len(window)
-                * config.optim.batch_images
-                * config.optim.grad_accum
-                * world.world_size
-                / elapsed,
-            }
-            with (output / METRICS_NAME).open("a") as log:
-                log.write(json.dumps(record) + "\n")
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                iou=f"{record['iou_last']:.3f}",
-                img_s=f"{record['images_per_s']:.2f}",
-            )
-            window, tick = [], time.perf_counter()
-        if world.is_main and (done % config.checkpoint_every == 0 or done == config.optim.steps):
-            _save_checkpoint(output / CHECKPOINT_NAME, sam, optimizer, done, config.optim)
+            done = step + 1
+            if world.is_main and (done % config.log_every == 0 or done == config.optim.steps):
+                elapsed = time.perf_counter() - tick
+                record = {
+                    "step": step,
+                    **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
+                    "lr": learning_rate(config.optim, step),
+                    "images_per_s": len(window)
+                    * config.optim.batch_images
+                    * config.optim.grad_accum
+                    * world.world_size
+                    / elapsed,
+                }
+                with (output / METRICS_NAME).open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    iou=f"{record['iou_last']:.3f}",
+                    img_s=f"{record['images_per_s']:.2f}",
+                )
+                window, tick = [], time.perf_counter()
+            if world.is_main and (
+                done % config.checkpoint_every == 0 or done == config.optim.steps
+            ):
+                _save_checkpoint(output / CHECKPOINT_NAME, sam, optimizer, done, config.optim)
 
     model_path = output / MODEL_NAME
     if world.is_main:
