@@ -658,10 +658,15 @@ def test_compiled_encoder_matches_official(
     monkeypatch.setattr(image_encoder, "_attention_by_products", counted)
     image = _real_image(shared_data)
     predictor = SamPredictor(ours, precision=precision, compile=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # compiling must work here, not fall back
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         predictor.set_image(image)
-    assert predictor.inference.encoder.is_compiled
+    # Compiling must work here; the one fallback allowed is the check against eager mode
+    # (PyTorch's inductor computes NaN with its kernels held to AVX2, the AVX2 stand-in).
+    if not predictor.inference.encoder.is_compiled:
+        assert any("disagrees with eager mode" in str(w.message) for w in caught), caught
+    else:
+        assert not caught, [str(w.message) for w in caught]
     reference = _official_predictor(official)
     reference.set_image(image)
     embedding, expected = predictor.get_image_embedding(), reference.get_image_embedding()
@@ -671,6 +676,52 @@ def test_compiled_encoder_matches_official(
     else:
         assert 1e-5 < _relative_error(embedding, expected) < 0.02
         assert products
+
+
+@pytest.mark.parametrize("wrong", [float("nan"), 0.01])
+def test_compiled_code_that_disagrees_with_eager_is_dropped(monkeypatch, wrong: float) -> None:
+    ours, _ = make_model_pair("tiny", seed=9)
+    calls = []
+
+    def miscompiled(module):
+        def run(x):
+            calls.append(x.shape)
+            out = module(x)
+            return out + wrong * out.abs().mean() if wrong == wrong else out * wrong
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", miscompiled)
+    predictor = SamPredictor(ours, precision="fp32", compile=True)
+    image = np.zeros((40, 60, 3), np.uint8)
+    with pytest.warns(UserWarning, match="disagrees with eager mode"):
+        predictor.set_image(image)
+    assert not predictor.inference.encoder.is_compiled
+    eager = SamPredictor(ours, precision="fp32")
+    eager.set_image(image)
+    torch.testing.assert_close(predictor.get_image_embedding(), eager.get_image_embedding())
+    predictor.set_image(image)  # from now on in eager mode only
+    assert len(calls) == 1
+
+
+def test_compiled_code_that_agrees_is_checked_once_per_shape(monkeypatch) -> None:
+    ours, _ = make_model_pair("tiny", seed=9)
+    eager_calls = []
+    encoder_forward = type(ours.image_encoder).forward
+
+    def counting(self, x):
+        eager_calls.append(x.shape)
+        return encoder_forward(self, x)
+
+    monkeypatch.setattr(torch, "compile", lambda module: module)  # "compiled" = itself
+    monkeypatch.setattr(type(ours.image_encoder), "forward", counting)
+    predictor = SamPredictor(ours, precision="fp32", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            predictor.set_image(np.zeros((40, 60, 3), np.uint8))
+    assert predictor.inference.encoder.is_compiled
+    assert len(eager_calls) == 4  # 3 calls + 1 eager check of the first
 
 
 def test_compile_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
