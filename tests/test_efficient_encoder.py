@@ -14,6 +14,8 @@ from efficientnet_lite_pytorch import EfficientNet
 
 from segany.build import (
     MODEL_CONFIGS,
+    EfficientEncoderConfig,
+    SamConfig,
     build_sam_from_config,
     config_from_dict,
     config_to_dict,
@@ -29,6 +31,10 @@ from segany.train.init import (
     load_encoder_init,
 )
 from segany.train.trainer import encoder_layer_ids
+
+# The first default model's encoder: EfficientNet-Lite0 at 512 px (the ImageNet weights
+# these tests compare with are Lite0's).
+LITE0 = SamConfig(EfficientEncoderConfig(), img_size=512)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def test_blocks_compute_what_the_reference_computes(classifier, reference) -> No
 
 
 def test_layer_ids_for_layer_wise_decay() -> None:
-    model = build_sam_from_config(MODEL_CONFIGS["default"])
+    model = build_sam_from_config(LITE0)
     ids, num_layers = encoder_layer_ids(model)
     assert num_layers == 16 + 1
     assert ids["stem.0.weight"] == 0
@@ -87,7 +93,7 @@ def test_layer_ids_for_layer_wise_decay() -> None:
 
 
 def test_encoder_init_loads_imagenet_backbone(classifier) -> None:
-    model = build_sam_from_config(MODEL_CONFIGS["default"])
+    model = build_sam_from_config(LITE0)
     neck = {k: v.clone() for k, v in model.image_encoder.neck.state_dict().items()}
     load_encoder_init(model, "imagenet")
     assert torch.equal(model.image_encoder.stem[0].weight, classifier["_conv_stem.weight"])
@@ -127,7 +133,7 @@ def test_encoder_init_errors(tmp_path) -> None:
     vit = build_sam_from_config(MODEL_CONFIGS["vit_t"])
     with pytest.raises(SeganyError, match="needs an EfficientNet-Lite encoder"):
         load_encoder_init(vit, "imagenet")
-    model = build_sam_from_config(MODEL_CONFIGS["default"])
+    model = build_sam_from_config(LITE0)
     with pytest.raises(SeganyError, match="file not found"):
         load_encoder_init(model, str(tmp_path / "missing.pth"))
     other = tmp_path / "other.pth"
@@ -147,7 +153,7 @@ def test_decoder_checkpoint_copies_only_the_prompt_path(tmp_path) -> None:
     for param in source.parameters():
         torch.nn.init.normal_(param)
     path = save_model(source, tmp_path / "stage1.safetensors", small)
-    target = build_sam_from_config(MODEL_CONFIGS["default"])
+    target = build_sam_from_config(LITE0)
     encoder = {k: v.clone() for k, v in target.image_encoder.state_dict().items()}
     load_decoder_checkpoint(target, path)
     for name in ("prompt_encoder", "mask_decoder"):
@@ -155,7 +161,7 @@ def test_decoder_checkpoint_copies_only_the_prompt_path(tmp_path) -> None:
             assert torch.equal(value, getattr(source, name).state_dict()[key]), key
     for key, value in target.image_encoder.state_dict().items():
         assert torch.equal(value, encoder[key]), key
-    shallower = config_from_dict({**config_to_dict(MODEL_CONFIGS["default"]), "decoder_depth": 1})
+    shallower = config_from_dict({**config_to_dict(LITE0), "decoder_depth": 1})
     with pytest.raises(SeganyError, match="do not fit this model"):
         load_decoder_checkpoint(build_sam_from_config(shallower), path)
 

@@ -180,7 +180,7 @@ def test_encoder_matches_pytorch(exported) -> None:
         image = torch.rand((1, 3, *shape), generator=generator) * 255
         with torch.no_grad():
             expected = model.image_encoder(model.preprocess(image)).numpy()
-        (got,) = session.run(None, {"image": image.numpy()})
+        got = session.run(None, {"image": image.numpy()})[0]  # then any high-res features
         assert got.shape == expected.shape == (1, 256, size // 16, size // 16)
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
@@ -446,9 +446,9 @@ def test_quantized_export(tiny_checkpoint, tiny_dir, tmp_path, capsys) -> None:
 
 
 def test_quantized_default_model(bundled_dir, tmp_path) -> None:
-    """Per-channel scales keep the trained conv encoder (batch norms folded) usable: the
-    cat in the demo photo from a box, uint8 against float32 weights (measured IoU 0.86-0.95,
-    mean 0.91; the ViT models lose less)."""
+    """Per-channel scales, with depthwise convolutions left in float, keep the trained conv
+    encoder (batch norms folded) usable: the cat in the demo photo from a box, uint8
+    against float32 weights (measured IoU 0.87-0.98, mean 0.94; the ViT models lose less)."""
     from skimage import data
 
     for name in ("encoder.onnx", "decoder.onnx"):
