@@ -193,9 +193,13 @@ class ZoomPredictor:
         crop = None if region is None else self._zoom_window(region, size)
         zoomed = None
         if crop is not None:
-            zoomed = self._predict_on_crop(crop, points, boxes, mask, multimask_output)
-            if self._cut_by_crop(zoomed[0][int(np.argmax(zoomed[1]))], crop):
-                zoomed = None  # the object goes on beyond the crop: the whole image knows more
+            crop_logits, crop_scores = self._predict_on_crop(
+                crop, points, boxes, mask, multimask_output
+            )
+            # Where the object goes on beyond the crop, the whole image knows more.
+            if not self._cut_by_crop(crop_logits[int(np.argmax(crop_scores))], crop):
+                full_logits, low_res = self._in_full_frame(crop_logits, crop)
+                zoomed = (full_logits, crop_scores, low_res)
         logits, scores, low_res = zoomed or full or whole_image()
         masks = logits if return_logits else logits > self.model.mask_threshold
         return masks, scores, low_res
@@ -220,12 +224,12 @@ class ZoomPredictor:
             return None
         return crop
 
-    def _cut_by_crop(self, logits: np.ndarray, crop: Crop) -> bool:
-        """Whether the (H, W) mask of ``logits`` reaches an edge of ``crop`` that lies
-        inside the image."""
+    def _cut_by_crop(self, crop_logits: np.ndarray, crop: Crop) -> bool:
+        """Whether the mask of ``crop_logits`` (the crop's (h, w)) reaches an edge of
+        ``crop`` that lies inside the image."""
         assert self.image is not None
         height, width = self.image.shape[:2]
-        inside = logits[crop.y0 : crop.y1, crop.x0 : crop.x1] > self.model.mask_threshold
+        inside = crop_logits > self.model.mask_threshold
         edges = (
             (crop.y0 > 0, inside[0]),
             (crop.y1 < height, inside[-1]),
@@ -241,9 +245,8 @@ class ZoomPredictor:
         boxes: np.ndarray | None,
         mask: np.ndarray | None,
         multimask_output: bool,
-    ) -> Prediction:
-        """Logits (C, H, W) of the full image (the crop's, outside it its lowest), scores
-        (C,) and full-frame low-res logits, from a prediction on ``crop``."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (C, h, w) of ``crop`` and scores (C,) for the prompts moved into it."""
         assert self.image is not None
         if crop != self.crop:
             self.crop = None  # in case embedding fails
@@ -265,6 +268,12 @@ class ZoomPredictor:
         logits, scores, _ = self.crop_predictor.predict(
             coords, labels, crop_box, crop_mask, multimask_output, return_logits=True
         )
+        return logits, scores
+
+    def _in_full_frame(self, logits: np.ndarray, crop: Crop) -> tuple[np.ndarray, np.ndarray]:
+        """The crop's (C, h, w) logits as the full image's (C, H, W) (each mask's lowest
+        logit outside the crop) and as full-frame low-res logits (C, s, s)."""
+        assert self.image is not None
         height, width = self.image.shape[:2]
         canvas = np.empty((len(logits), height, width), dtype=np.float32)
         canvas[:] = logits.reshape(len(logits), -1).min(1)[:, None, None]
@@ -275,24 +284,18 @@ class ZoomPredictor:
             self.predictor.transform.get_preprocess_shape(height, width, self.model.image_size),
             self.predictor._low_res_size,
         )[0]
-        return canvas, scores, to_numpy(low_res)
+        return canvas, to_numpy(low_res)
 
     @staticmethod
     def _box_in_crop(box: np.ndarray, crop: Crop) -> np.ndarray:
         height, width = crop.size
-        x0, y0, x1, y1 = box - np.array([crop.x0, crop.y0, crop.x0, crop.y0], dtype=np.float64)
-        return np.array(
-            [
-                np.clip(x0, 0, width),
-                np.clip(y0, 0, height),
-                np.clip(x1, 0, width),
-                np.clip(y1, 0, height),
-            ]
-        )
+        shifted = box - np.array([crop.x0, crop.y0, crop.x0, crop.y0], dtype=np.float64)
+        return np.clip(shifted, 0, [width, height, width, height])
 
     def _mask_in_crop(self, mask: np.ndarray, crop: Crop) -> np.ndarray:
         """Full-frame low-res logits (1, s, s) -> the crop's low-res frame."""
-        height, width = self.image.shape[:2] if self.image is not None else (0, 0)
+        assert self.image is not None
+        height, width = self.image.shape[:2]
         model_size = self.model.image_size
         resize = self.predictor.transform.get_preprocess_shape
         full = upscale_logits_fast(
